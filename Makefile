@@ -1,0 +1,47 @@
+# Two commands a newcomer needs:  make repro  (set up + run the study)  and  make test.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test unit nbval check-reports clean-nbval refresh-notebooks
+
+setup: $(STAMP)
+
+# The venv is rebuilt only when the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+repro: setup
+	$(BIN)/python -m nanosd_lib.run --check
+	$(BIN)/dvc repro
+
+test: setup unit nbval
+
+unit:
+	$(BIN)/python -m pytest -q tests
+
+# Every notebook at the smoke scale; outputs go to build/nbval, never to DVC outputs.
+nbval: clean-nbval
+	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+
+clean-nbval:
+	rm -rf build/nbval
+
+# Re-execute the committed reports (default scale) in a scratch copy and compare marked outputs.
+check-reports: setup
+	rm -rf build/check-reports && mkdir -p build/check-reports
+	git archive HEAD | tar -x -C build/check-reports
+	cd build/check-reports && $(CURDIR)/$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider reports
+
+# After editing a notebook: re-execute it in place at its smoke defaults, so that the outputs nbval
+# compares (cells marked NBVAL_CHECK_OUTPUT) are current.
+refresh-notebooks: setup clean-nbval
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
+	  $(CURDIR)/$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done

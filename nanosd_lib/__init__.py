@@ -1,0 +1,1 @@
+"""NanoSD, reproduced: a thin library behind the study notebooks."""

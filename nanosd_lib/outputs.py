@@ -1,0 +1,99 @@
+"""Where a stage writes, and the provenance every written number carries."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The study's root: the nearest folder above `start` (default: cwd) holding dvc.yaml.
+
+    papermill runs notebooks from the root and nbval from notebooks/, so both find the same place.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml + params.yaml above {here}; run from inside the study")
+
+
+class Layout:
+    """Output folders under one root: '.' for the DVC pipeline, a scratch folder for tests."""
+
+    def __init__(self, output_root: str | Path):
+        root = Path(output_root)
+        self.root = root if root.is_absolute() else repo_root() / root
+
+    def results(self, stage: str) -> Path:
+        return _mkdir(self.root / "results" / stage)
+
+    def data(self, name: str) -> Path:
+        return _mkdir(self.root / "data" / name)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> str:
+    """The CPU model and logical core count, e.g. 'AMD EPYC 9B14 (2 cores)'."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def provenance(base, **extra) -> dict:
+    """What made a number: scale, seed, threads, backend, library versions, machine."""
+    import diffusers
+
+    info = {"scale": base.scale, "seed": base.seed, "threads": base.threads,
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "machine": machine()}
+    info.update(extra)
+    return info
+
+
+def _clean(value):
+    """JSON-safe values: floats rounded to 6 significant digits, NaN to null."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_metrics(folder: Path, metrics: dict, prov: dict) -> Path:
+    """`metrics.json`: the values at the top level (for `dvc metrics show`), provenance beside them."""
+    return write_json(folder / "metrics.json", {**metrics, "provenance": prov})
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Move a finished folder into place, so an interrupted save never leaves a half folder."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    return final

@@ -1,0 +1,151 @@
+"""The teacher: SD-1.5's exact block topology at a chosen width, built, trained, saved and loaded.
+
+At the `embedded` and `smoke` scales the pipeline builds the teacher itself (diffusers' own
+`UNet2DConditionModel`, `AutoencoderKL`, a small `CLIPTextModel`) and trains the VAE and U-Net on crops
+of the bundled photos. At the `sd15` scale the same `load` reads a local diffusers folder instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+# SD-1.5's noise schedule (its scheduler/scheduler_config.json), used at every scale.
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                     steps_offset=1)
+DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    unet_widths: tuple[int, ...]  # block_out_channels of E1..E4 (SD-1.5: 320, 640, 1280, 1280)
+    heads: int  # attention heads per transformer (diffusers' attention_head_dim; SD-1.5: 8)
+    norm_groups: int  # GroupNorm groups; SD-1.5 uses 32, fewer keep >=4 channels a group here
+    text_dim: int  # text hidden size = cross_attention_dim (SD-1.5: 768)
+    text_len: int  # tokens per prompt (SD-1.5: 77); our captions fit in 8
+    text_layers: int  # CLIP text transformer layers (SD-1.5: 12)
+    latent_px: int  # latent side; images are 8x larger (SD-1.5: 64 -> 512 px)
+    vae_widths: tuple[int, ...]  # AutoencoderKL block_out_channels (SD-1.5: 128, 256, 512, 512)
+    vae_layers: int  # resnets per VAE block (SD-1.5: 2)
+
+
+SPECS = {
+    # tests and nbval: every notebook in seconds
+    "smoke": ScaleSpec((8, 16, 16, 16), 2, 4, 16, 8, 1, 8, (8, 16, 16, 16), 1),
+    # the laptop study: ~8.6M U-Net params, 16x16 latents, 128x128 images
+    "embedded": ScaleSpec((32, 64, 128, 128), 8, 8, 64, 8, 2, 16, (16, 32, 64, 64), 1),
+}
+
+
+@dataclass
+class Teacher:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: DDIMScheduler
+
+    @property
+    def latent_px(self) -> int:
+        return self.unet.config.sample_size
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text states for the U-Net's cross-attention, exactly as the SD pipeline makes them."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids)[0]
+
+    def pipeline(self, unet: torch.nn.Module | None = None):
+        """A real diffusers StableDiffusionPipeline over these components (optionally another U-Net)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder,
+                                       tokenizer=self.tokenizer, unet=unet or self.unet,
+                                       scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save(self, path: str | Path) -> None:
+        """diffusers folder layout (model_index.json, unet/, vae/, ...), weights as safetensors."""
+        self.pipeline().save_pretrained(path, safe_serialization=True)
+
+    def num_params(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in getattr(self, name).parameters())
+                for name in ("unet", "vae", "text_encoder")}
+
+
+def build_tokenizer(words: list[str], max_length: int):
+    """A CLIP BPE tokenizer whose merges make each caption word a single token.
+
+    SD's tokenizer cannot be downloaded here; this one has the same class, special tokens and
+    byte-level alphabet, so any text still tokenizes (unknown words fall back to characters).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in sorted(set(words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: 'c a', 'ca t</w>'
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.append(pieces[0])
+    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(dict.fromkeys(merges)),
+                         model_max_length=max_length)
+
+
+def build(spec: ScaleSpec, captions: list[str], seed: int) -> Teacher:
+    """A freshly initialised teacher with SD-1.5's block topology at the widths of `spec`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer([w for c in captions for w in c.lower().split()], spec.text_len)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.text_dim, intermediate_size=4 * spec.text_dim,
+        num_hidden_layers=spec.text_layers, num_attention_heads=max(1, spec.text_dim // 16),
+        max_position_embeddings=spec.text_len, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=spec.latent_px, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=spec.unet_widths, down_block_types=DOWN_BLOCKS, up_block_types=UP_BLOCKS,
+        cross_attention_dim=spec.text_dim, attention_head_dim=spec.heads,
+        norm_num_groups=spec.norm_groups)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=8 * spec.latent_px,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=spec.vae_widths, layers_per_block=spec.vae_layers,
+        norm_num_groups=spec.norm_groups)
+    return Teacher(unet, vae, text_encoder.eval().requires_grad_(False), tokenizer,
+                   DDIMScheduler(**SD15_SCHEDULE))
+
+
+def load(path: str | Path) -> Teacher:
+    """Load a diffusers folder (ours, or a local SD-1.5); errors say which part is missing."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per tiny component is noise in a notebook
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"teacher folder {str(path)!r} does not exist")
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    missing = [p for p in parts if not (path / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{str(path)!r} is not a diffusers Stable Diffusion folder: "
+                                f"no {', '.join(p + '/' for p in missing)} (expected {parts})")
+    return Teacher(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval(),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae").eval(),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+    )

@@ -1,0 +1,112 @@
+import os
+
+import pytest
+import yaml
+
+from nanosd_lib import config, run
+from conftest import ROOT
+
+
+def test_committed_params_are_valid():
+    params = config.load(ROOT / "params.yaml")
+    assert params.base.scale == "embedded"
+    assert params.train_teacher.unet_steps > 0
+
+
+def bad(**changes):
+    """params.yaml with `section.key: value` changes, validated."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return config.check(**data)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_teacher__unet_stpes": 3}, "train_teacher.unet_stpes: unknown key"),
+    ({"train_teacher__unet_steps": "600"}, "train_teacher.unet_steps: expected int, got str"),
+    ({"train_teacher__unet_steps": 2.5}, "train_teacher.unet_steps: expected int, got float"),
+    ({"base__scale": "huge"}, "base.scale: 'huge' is not one of ['smoke', 'embedded', 'sd15']"),
+    ({"train_teacher__vae_steps": 0}, "train_teacher.vae_steps: must be positive, got 0"),
+    ({"train_teacher__unet_steps": -5}, "train_teacher.unet_steps: must be positive, got -5"),
+    ({"base__threads": True}, "base.threads: expected int, got bool"),
+    ({"base__teacher": "/nonexistent/sd15"}, "base.teacher: '/nonexistent/sd15' does not exist"),
+])
+def test_bad_values_are_named(change, message):
+    with pytest.raises(config.ParamsError) as err:
+        bad(**change)
+    assert message in str(err.value)
+
+
+def test_every_problem_in_one_error():
+    with pytest.raises(config.ParamsError) as err:
+        bad(train_teacher__vae_steps=0, base__scale="huge")
+    assert "vae_steps" in str(err.value) and "base.scale" in str(err.value)
+
+
+def test_teacher_folder_must_be_diffusers(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(config.ParamsError, match="is not a diffusers model folder"):
+        bad(base__teacher=str(tmp_path), base__scale="sd15")
+
+
+def test_teacher_folder_needs_sd15_scale(smoke_teacher_dir):
+    with pytest.raises(config.ParamsError, match="runs at scale 'sd15'"):
+        bad(base__teacher=str(smoke_teacher_dir))
+    assert bad(base__teacher=str(smoke_teacher_dir), base__scale="sd15").base.scale == "sd15"
+
+
+def test_missing_section_and_unknown_section(tmp_path):
+    (tmp_path / "params.yaml").write_text("base: {seed: 0}\n")
+    with pytest.raises(config.ParamsError, match="missing sections"):
+        config.load(tmp_path / "params.yaml")
+    with pytest.raises(config.ParamsError, match="trian_teacher: unknown section"):
+        config.check(trian_teacher={})
+
+
+def test_reading_an_unlisted_key_fails():
+    params = config.check(base={"seed": 1})
+    assert params.base.seed == 1
+    with pytest.raises(AttributeError, match="base.threads was not given to this stage"):
+        params.base.threads
+
+
+def test_stage_receives_exactly_the_listed_params():
+    params = config.load(ROOT / "params.yaml")
+    got = run.stage_params(ROOT / "dvc.yaml", "measure_baseline_cost", params)
+    assert set(got["base"]) == {"seed", "scale", "threads"}  # not base.teacher: it does not read it
+    assert got["measure_baseline_cost"] == params.measure_baseline_cost.as_dict()
+
+
+def test_every_notebook_key_is_listed_in_dvc_yaml():
+    """The parameters cell of each notebook declares exactly the keys its stage gets from dvc.yaml."""
+    import nbformat
+
+    params = config.load(ROOT / "params.yaml")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        nb = nbformat.read(run.notebook_for(ROOT, stage), as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        namespace = {}
+        exec(cell.source, namespace)
+        declared = {s: set(namespace[s]) for s in run.stage_params(ROOT / "dvc.yaml", stage, params)}
+        listed = {s: set(v) for s, v in run.stage_params(ROOT / "dvc.yaml", stage, params).items()}
+        assert declared == listed, stage
+        config.check(**{s: namespace[s] for s in listed})  # smoke defaults are valid too
+
+
+def test_bad_params_stop_the_runner_before_any_output(study, capsys):
+    report = study / "reports" / "01_train_teacher.ipynb"
+    report.parent.mkdir()
+    report.write_text("previous run")
+    text = (study / "params.yaml").read_text().replace("unet_steps: ", "unet_steps: -")
+    (study / "params.yaml").write_text(text)
+    cwd = os.getcwd()
+    os.chdir(study)
+    try:
+        assert run.main(["train_teacher"]) == 2
+    finally:
+        os.chdir(cwd)
+    assert "train_teacher.unet_steps: must be positive" in capsys.readouterr().err
+    assert report.read_text() == "previous run"
+    assert not (study / "results").exists() and not (study / "data").exists()

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nanosd_lib import data, teacher, training
+
+
+def test_topology_is_sd15s(smoke_teacher):
+    cfg = smoke_teacher.unet.config
+    assert cfg.down_block_types == teacher.DOWN_BLOCKS and cfg.up_block_types == teacher.UP_BLOCKS
+    assert type(smoke_teacher.unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    assert cfg.layers_per_block == 2
+    assert len(smoke_teacher.vae.config.down_block_types) == 4  # factor 8
+    assert smoke_teacher.vae.config.latent_channels == 4
+
+
+def test_each_caption_word_is_one_token(smoke_teacher):
+    tok = smoke_teacher.tokenizer
+    for caption in data.CAPTIONS.values():
+        ids = tok(caption).input_ids
+        assert len(ids) == len(caption.split()) + 2, caption  # + start and end tokens
+        assert len(ids) <= tok.model_max_length
+    assert tok.decode(tok("a tabby cat").input_ids, skip_special_tokens=True) == "a tabby cat"
+
+
+def test_save_load_roundtrip_is_exact(smoke_teacher, smoke_teacher_dir):
+    assert (smoke_teacher_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((smoke_teacher_dir / "model_index.json").read_text())["unet"][1] == \
+        "UNet2DConditionModel"
+    loaded = teacher.load(smoke_teacher_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(smoke_teacher, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.tokenizer("a red motorcycle").input_ids == \
+        smoke_teacher.tokenizer("a red motorcycle").input_ids
+
+
+def test_the_real_pipeline_loads_our_folder(smoke_teacher_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_teacher_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a tabby cat", height=64, width=64, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        teacher.load(tmp_path / "nope")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="no vae/, text_encoder/, tokenizer/, scheduler/"):
+        teacher.load(tmp_path)
+
+
+def _train_briefly(seed):
+    model = teacher.build(teacher.SPECS["smoke"], list(data.CAPTIONS.values()), seed)
+    gen = torch.Generator().manual_seed(seed)
+    names = ["chelsea", "coffee"]
+    crops, labels = data.random_crops(names, 32, 64, gen)
+    vae_log = training.train_vae(model, crops, 5, 8, 1e-3, 1e-6, gen)
+    mean, std = training.encode_latents(model, crops)
+    training.set_scaling_factor(model, mean)
+    states = model.encode_prompts([data.CAPTIONS[n] for n in names] + [""])
+    sched = training.DDPMScheduler.from_config(model.scheduler.config)
+    batch = training.fixed_eval_batch(mean * model.vae.config.scaling_factor, labels, 32, seed + 1)
+    before = training.denoise_loss(model.unet, sched, batch, states)
+    unet_log = training.train_unet(model, mean, std, labels, states, 60, 8, 2e-3, 0.1, gen)
+    unet_log.append({"before": before, "after": training.denoise_loss(model.unet, sched, batch, states)})
+    return model, vae_log, unet_log
+
+
+def test_training_is_deterministic_and_lowers_the_loss():
+    a, vae_a, unet_a = _train_briefly(0)
+    b, vae_b, unet_b = _train_briefly(0)
+    assert vae_a == vae_b and unet_a == unet_b
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+    assert unet_a[-1]["after"] < 0.9 * unet_a[-1]["before"]  # the fixed-batch denoising loss falls
+
+
+def test_prompts_change_samples_from_the_same_noise(smoke_teacher):
+    prompts = ["a tabby cat", "a cup of coffee"]
+    images = training.sample(smoke_teacher, prompts, seeds=[0, 0], steps=3, guidance=3.0)
+    assert torch.equal(images[0, 0], images[0, 1])  # same prompt, same noise: identical
+    diff = (images[0, 0] - images[1, 0]).pow(2).mean().sqrt().item()
+    assert diff > 1e-3  # a different prompt from the same noise moves the sample
+    sep = training.prompt_separation(images)
+    assert sep["within_prompt_rms"] == 0.0 and sep["between_prompts_rms"] == pytest.approx(diff)
+
+
+def test_nan_loss_names_the_step():
+    with pytest.raises(FloatingPointError, match="unet: loss became nan at step 7"):
+        training._check_finite(torch.tensor(float("nan")), "unet", 7)
