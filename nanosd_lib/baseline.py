@@ -98,6 +98,7 @@ def draw_tiles(ax, grid: TileGrid, image=None) -> None:
         ax.add_patch(patches.Rectangle((l, t), r - l, b - t, fill=True, alpha=0.12,
                                        edgecolor="crimson", facecolor="crimson", lw=0.8))
         ax.text((l + r) / 2, (t + b) / 2, str(i + 1), ha="center", va="center", fontsize=6)
+    ax.grid(False)
     ax.set_xlim(0, grid.width)
     ax.set_ylim(grid.height, 0)
     ax.set_aspect("equal")

@@ -68,11 +68,44 @@ class PruneUnet:
     candidates: int = _f("random candidates built from the base, run forward and tabulated", minimum=1)
 
 
+@dataclass(frozen=True)
+class DistillModules:
+    heal_steps: int = _f("steps healing the pruned base against the teacher", minimum=1)
+    heal_lr: float = _f("AdamW learning rate for healing", minimum=0.0)
+    w_task: float = _f("weight of the denoising loss while healing", minimum=0.0)
+    w_out: float = _f("weight of output-level KD while healing", minimum=0.0)
+    w_feat: float = _f("weight of feature-level KD (kept stages' outputs) while healing", minimum=0.0)
+    batch_size: int = _f("samples per step, healing and modules", minimum=1)
+    record_batches: int = _f("batches of stage inputs/outputs recorded from the healed base", minimum=1)
+    module_steps: int = _f("steps per student module", minimum=1)
+    module_lr: float = _f("AdamW learning rate per module, cosine-decayed", minimum=0.0)
+    checkpoint_every: int = _f("steps between resumable module checkpoints", minimum=1)
+    eval_candidates: int = _f("random candidates compared distilled vs undistilled (>= 16)", minimum=1)
+    ranks: int = _f("torchrun processes sharing the 30 module jobs; 1 runs in the notebook", minimum=1)
+
+
+@dataclass(frozen=True)
+class Latency:
+    backend: str = _f("whose latencies later stages use", choices=("onnxruntime", "torch", "qai-hub"))
+
+
+@dataclass(frozen=True)
+class MeasureLatency:
+    runs: int = _f("timed runs per measurement after 2 warm-up runs; the median is kept", minimum=3)
+    candidates: int = _f("random whole candidates that check the table (besides teacher/base/fastest)",
+                         minimum=1)
+    device_candidates: int = _f("whole models sent to AI Hub when it is configured", minimum=0)
+    sd15_width: bool = _f("also time every option at SD-1.5 width, 64x64 latents (slow, ~minutes)")
+
+
 SECTIONS: dict[str, type] = {
     "base": Base,
     "measure_baseline_cost": MeasureBaselineCost,
     "train_teacher": TrainTeacher,
     "prune_unet": PruneUnet,
+    "distill_modules": DistillModules,
+    "latency": Latency,
+    "measure_latency": MeasureLatency,
 }
 
 

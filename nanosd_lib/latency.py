@@ -37,3 +37,163 @@ def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: 
     t = torch.full((batch,), 500, device=device)
     return median_ms(lambda: unet(sample, t, encoder_hidden_states=text), runs)
 
+
+# --- Per-module lookup tables ------------------------------------------------------------------
+#
+# Every stage option is timed on the exact inputs it receives inside the deployed model (recorded by
+# hooks on the base-architecture student), each as its own callable: torch eager, or an ONNX Runtime
+# session of its own export. Whole models are timed the same way, to check the table adds up.
+
+import copy  # noqa: E402
+import platform  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+class _EncoderCall(nn.Module):
+    def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, h, temb, text):
+        h, skips = self.stage(h, temb, text)
+        return (h, *skips)
+
+
+class _DecoderCall(nn.Module):
+    def __init__(self, stage, upsample_size):
+        super().__init__()
+        self.stage, self.size = stage, upsample_size
+
+    def forward(self, h, temb, text, *skips):
+        return self.stage(h, list(skips), temb, text, upsample_size=self.size)
+
+
+class _FixedCall(nn.Module):
+    """conv_in, the time embedding and the output head: the parts every candidate shares."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, t, last):
+        u = self.unet
+        temb = u.time_embedding(u.time_proj(t).to(sample.dtype))
+        return u.conv_in(sample), temb, u.conv_out(u.conv_act(u.conv_norm_out(last)))
+
+
+class WholeCall(nn.Module):
+    """A U-Net as a plain (sample, timestep, text) -> noise callable, for export and timing."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, t, text):
+        return self.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def example_inputs(cfg, latent_px: int, text_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One tile: batch 1, the deployed latent size, SD's input names."""
+    g = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn(1, cfg.in_channels, latent_px, latent_px, generator=g),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, text_len, cfg.cross_attention_dim, generator=g)}
+
+
+@torch.no_grad()
+def stage_callables(base, inputs: dict) -> tuple[dict, dict]:
+    """(callables, their positional inputs) for every (stage, option) and for the fixed parts."""
+    from . import student, surgery
+    from .recorder import Recorder
+    from .space import DECODERS, STAGES, Arch, options
+
+    ref, _ = student.from_base(base, Arch.teacher())
+    with Recorder(ref, [f"stages.{s}" for s in STAGES]) as rec:
+        out = ref(*inputs.values()).sample
+    calls, args = {}, {}
+    cfg = dict(ref.config)
+    for stage in STAGES:
+        (a, kw, _), = rec.calls[f"stages.{stage}"]
+        block = base.get_submodule(surgery.BASE_MODULES[stage])
+        for i in range(len(options(stage))):
+            mod = student.build_stage(stage, i, copy.deepcopy(block), cfg).eval()
+            if stage in DECODERS:
+                h, skips, temb, text = a
+                calls[f"{stage}/{i}"] = _DecoderCall(mod, kw.get("upsample_size"))
+                args[f"{stage}/{i}"] = (h, temb, text, *skips)
+            else:
+                calls[f"{stage}/{i}"] = _EncoderCall(mod)
+                args[f"{stage}/{i}"] = tuple(a)
+    last = rec.calls["stages.D1"][0][2]
+    calls["fixed"] = _FixedCall(ref)
+    args["fixed"] = (inputs["sample"], inputs["timestep"], last)
+    assert out.shape == inputs["sample"].shape
+    return calls, args
+
+
+def onnx_session(module: nn.Module, args: tuple, path: Path, threads: int):
+    """Export with the TorchScript exporter (opset 18) and open an ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    names = [f"in{i}" for i in range(len(args))]
+    torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=18,
+                      input_names=names)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    used = {i.name for i in sess.get_inputs()}  # the exporter drops inputs a module ignores (text)
+    feeds = {n: a.numpy() for n, a in zip(names, args) if n in used}
+    return lambda: sess.run(None, feeds)
+
+
+def time_callable(backend: str, module: nn.Module, args: tuple, runs: int, threads: int,
+                  workdir: Path, name: str) -> float:
+    if backend == "torch":
+        with torch.no_grad():
+            return median_ms(lambda: module(*args), runs)
+    if backend == "onnxruntime":
+        run = onnx_session(module, args, workdir / f"{name.replace('/', '_')}.onnx", threads)
+        return median_ms(run, runs)
+    raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS} (or 'qai-hub')")
+
+
+def call_overhead_ms(backend: str, args: tuple, runs: int, threads: int, workdir: Path) -> float:
+    """What one call costs with (almost) no work in it: the part a sum of module calls over-counts."""
+    class Touch(nn.Module):
+        def forward(self, x):
+            return x[:, :1, :1, :1] + 1.0
+    return time_callable(backend, Touch(), args[:1], runs, threads, workdir, "overhead")
+
+
+def predict_ms(table: dict, arch) -> float:
+    """fixed + the chosen options, less the extra per-call overheads the separate timings carry."""
+    from .space import STAGES
+
+    parts = [table["modules"][f"{s}/{c}"] for s, c in zip(STAGES, arch.choices)]
+    return table["fixed_ms"] + sum(parts) - len(parts) * table["call_overhead_ms"]
+
+
+def table_meta(backend: str, threads: int, runs: int, inputs: dict, scale: str) -> dict:
+    import onnxruntime
+
+    version = torch.__version__ if backend == "torch" else onnxruntime.__version__
+    from .outputs import machine
+
+    return {"backend": backend, "version": version, "threads": threads, "runs": runs, "warmup": 2,
+            "scale": scale, "machine": machine(), "python": platform.python_version(),
+            "shapes": {k: list(v.shape) for k, v in inputs.items()}}
+
+
+def count_flops(module: nn.Module, args: tuple) -> int:
+    """Forward FLOPs of one call, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*args)
+    return counter.get_total_flops()

@@ -12,10 +12,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-# SD-1.5's noise schedule (its scheduler/scheduler_config.json), used at every scale.
+# SD-1.5's noise schedule (its scheduler/scheduler_config.json) ...
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1)
+# ... rescaled to zero terminal SNR, with v-prediction, for the teachers trained here. SD-1.5's last
+# step still shows 7% of the image, so a model can read the picture's mean colour off the noise instead
+# of the prompt; sampling from pure noise then lands on the average colour whatever the prompt. Measured
+# on the embedded teacher: prompt separation 0.88 with SD's schedule, 2.7 with this one.
+EMBEDDED_SCHEDULE = dict(SD15_SCHEDULE, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                         timestep_spacing="trailing")
 DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
@@ -125,7 +131,7 @@ def build(spec: ScaleSpec, captions: list[str], seed: int) -> Teacher:
         block_out_channels=spec.vae_widths, layers_per_block=spec.vae_layers,
         norm_num_groups=spec.norm_groups)
     return Teacher(unet, vae, text_encoder.eval().requires_grad_(False), tokenizer,
-                   DDIMScheduler(**SD15_SCHEDULE))
+                   DDIMScheduler(**EMBEDDED_SCHEDULE))
 
 
 def load(path: str | Path) -> Teacher:

@@ -5,6 +5,8 @@ weights. Losses are returned per step for the notebook's curves.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -29,7 +31,7 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _check_finite(loss, "vae", step)
+        check_finite(loss, "vae", step)
         log.append({"step": step, "l1": l1.item(), "kl": kl.item()})
     vae.eval()
     return log
@@ -53,61 +55,81 @@ def set_scaling_factor(teacher: Teacher, latent_mean: torch.Tensor) -> float:
     return factor
 
 
-def fixed_eval_batch(latents: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> dict:
-    """A fixed set of (latent, label, timestep, noise) to compare denoising losses before and after."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(latents), (n,), generator=g)
-    timesteps = torch.linspace(0, 999, n).round().long()  # the whole schedule, evenly
-    return {"x0": latents[idx], "labels": labels[idx], "t": timesteps,
-            "noise": torch.randn(latents[idx].shape, generator=g)}
+@dataclass
+class LatentSet:
+    """Encoded crops and prompt states; draws noisy training batches the way the teacher learnt.
+
+    `text_states[-1]` is the empty prompt; a label is swapped for it with probability `uncond_prob`,
+    so that one U-Net also predicts unconditionally and classifier-free guidance works.
+    """
+
+    mean: torch.Tensor  # VAE posterior means of the crops
+    std: torch.Tensor  # and their standard deviations (a fresh latent is drawn per use)
+    labels: torch.Tensor  # prompt index of each crop
+    text_states: torch.Tensor  # one row per prompt, the empty prompt last
+    scale: float  # the VAE's latent scaling factor
+    noise_sched: DDPMScheduler  # SD's forward process
+    uncond_prob: float  # prompt dropout
+
+    def draw(self, batch_size: int, generator: torch.Generator, t: torch.Tensor | None = None) -> dict:
+        """A batch of noisy latents, timesteps, text states and targets; `t` fixes the timesteps."""
+        idx = torch.randint(len(self.mean), (batch_size,), generator=generator)
+        x0 = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape,
+                                                           generator=generator)) * self.scale
+        cond = self.labels[idx].clone()
+        cond[torch.rand(batch_size, generator=generator) < self.uncond_prob] = len(self.text_states) - 1
+        noise = torch.randn(x0.shape, generator=generator)
+        if t is None:
+            t = torch.randint(self.noise_sched.config.num_train_timesteps, (batch_size,),
+                              generator=generator)
+        return {"noisy": self.noise_sched.add_noise(x0, noise, t), "t": t,
+                "text": self.text_states[cond], "target": target(self.noise_sched, x0, noise, t)}
+
+
+def target(noise_sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """What the U-Net predicts: the noise (SD-1.5) or the velocity (v-prediction teachers)."""
+    kind = noise_sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_sched.get_velocity(x0, noise, t)
+    raise ValueError(f"scheduler prediction_type {kind!r}: only 'epsilon' and 'v_prediction' train here")
+
+
+def eval_batch(data: LatentSet, n: int, seed: int) -> dict:
+    """A fixed batch with timesteps spread evenly over the schedule, to compare losses before/after."""
+    t = torch.linspace(0, data.noise_sched.config.num_train_timesteps - 1, n).round().long()
+    return data.draw(n, torch.Generator().manual_seed(seed), t=t)
 
 
 @torch.no_grad()
-def denoise_loss(unet: torch.nn.Module, noise_sched: DDPMScheduler, batch: dict,
-                 text_states: torch.Tensor) -> float:
-    noisy = noise_sched.add_noise(batch["x0"], batch["noise"], batch["t"])
-    pred = unet(noisy, batch["t"], encoder_hidden_states=text_states[batch["labels"]]).sample
-    return F.mse_loss(pred, batch["noise"]).item()
+def denoise_loss(unet: torch.nn.Module, batch: dict) -> float:
+    pred = unet(batch["noisy"], batch["t"], encoder_hidden_states=batch["text"]).sample
+    return F.mse_loss(pred, batch["target"]).item()
 
 
-def train_unet(teacher: Teacher, latent_mean: torch.Tensor, latent_std: torch.Tensor,
-               labels: torch.Tensor, text_states: torch.Tensor, steps: int, batch_size: int,
-               lr: float, uncond_prob: float, generator: torch.Generator) -> list[dict]:
-    """Epsilon-prediction MSE on SD's noise schedule; `text_states[-1]` is the empty prompt.
-
-    A prompt is swapped for the empty one with probability `uncond_prob`, so that the same U-Net also
-    predicts unconditionally and classifier-free guidance works at sampling time.
-    """
-    unet = teacher.unet.train()
-    noise_sched = DDPMScheduler.from_config(teacher.scheduler.config)
-    scale = teacher.vae.config.scaling_factor
+def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: int, lr: float,
+               generator: torch.Generator) -> list[dict]:
+    """MSE against the scheduler's prediction target (noise or velocity), one-cycle learning rate."""
+    unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    empty = len(text_states) - 1
     log = []
     for step in tqdm(range(steps), desc="unet"):
-        idx = torch.randint(len(latent_mean), (batch_size,), generator=generator)
-        x0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape,
-                                                               generator=generator)) * scale
-        cond = labels[idx].clone()
-        cond[torch.rand(batch_size, generator=generator) < uncond_prob] = empty
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(noise_sched.config.num_train_timesteps, (batch_size,), generator=generator)
-        pred = unet(noise_sched.add_noise(x0, noise, t), t,
-                    encoder_hidden_states=text_states[cond]).sample
-        loss = F.mse_loss(pred, noise)
+        b = data.draw(batch_size, generator)
+        loss = F.mse_loss(unet(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample, b["target"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        _check_finite(loss, "unet", step)
+        check_finite(loss, "unet", step)
         log.append({"step": step, "mse": loss.item()})
     unet.eval()
     return log
 
 
-def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; "
                                  "lower the learning rate or check the data")

@@ -63,10 +63,11 @@ def _train_briefly(seed):
     training.set_scaling_factor(model, mean)
     states = model.encode_prompts([data.CAPTIONS[n] for n in names] + [""])
     sched = training.DDPMScheduler.from_config(model.scheduler.config)
-    batch = training.fixed_eval_batch(mean * model.vae.config.scaling_factor, labels, 32, seed + 1)
-    before = training.denoise_loss(model.unet, sched, batch, states)
-    unet_log = training.train_unet(model, mean, std, labels, states, 60, 8, 2e-3, 0.1, gen)
-    unet_log.append({"before": before, "after": training.denoise_loss(model.unet, sched, batch, states)})
+    latents = training.LatentSet(mean, std, labels, states, model.vae.config.scaling_factor, sched, 0.1)
+    batch = training.eval_batch(latents, 32, seed + 1)
+    before = training.denoise_loss(model.unet, batch)
+    unet_log = training.train_unet(model.unet, latents, 60, 8, 2e-3, gen)
+    unet_log.append({"before": before, "after": training.denoise_loss(model.unet, batch)})
     return model, vae_log, unet_log
 
 
@@ -90,4 +91,4 @@ def test_prompts_change_samples_from_the_same_noise(smoke_teacher):
 
 def test_nan_loss_names_the_step():
     with pytest.raises(FloatingPointError, match="unet: loss became nan at step 7"):
-        training._check_finite(torch.tensor(float("nan")), "unet", 7)
+        training.check_finite(torch.tensor(float("nan")), "unet", 7)
