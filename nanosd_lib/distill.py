@@ -108,7 +108,7 @@ def _cat(items):
 
 
 def _take(x, idx):
-    return x[idx] if torch.is_tensor(x) else [_take(v, idx) for v in x]
+    return x[idx.to(x.device)] if torch.is_tensor(x) else [_take(v, idx) for v in x]
 
 
 def _flat(output) -> list[torch.Tensor]:
@@ -287,11 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    base = UNet2DConditionModel.from_pretrained(a.base).eval()
-    records = torch.load(a.records, weights_only=False)
+    base = UNet2DConditionModel.from_pretrained(a.base).to(device).eval()
+    records = torch.load(a.records, weights_only=False, map_location=device)
     job = ModuleJob(a.steps, a.batch_size, a.lr, a.seed, a.checkpoint_every)
     distill_all(base, records, job, Path(a.out), rank, world)
     if world > 1:

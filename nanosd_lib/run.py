@@ -41,19 +41,26 @@ def notebook_for(root: Path, stage: str) -> Path:
 
 
 def run(stage: str, root: Path) -> Path:
+    import os
+
+    import nbformat
     import papermill
 
     params = config.load(root / "params.yaml")  # every section, before any work
     inject = stage_params(root / "dvc.yaml", stage, params)
-    notebook = notebook_for(root, stage)
-    report = root / "reports" / notebook.name
-    report.parent.mkdir(exist_ok=True)
+    notebook = notebook_for(root, stage).relative_to(root)
+    report = Path("reports") / notebook.name
     partial = report.with_suffix(".failed.ipynb")
+    os.chdir(root)  # relative paths: the executed notebook records no machine's folders
+    report.parent.mkdir(exist_ok=True)
     papermill.execute_notebook(str(notebook), str(partial), parameters={**inject, "output_root": "."},
-                               cwd=str(root), kernel_name="python3", progress_bar=True,
-                               report_mode=False, log_output=False)
-    partial.replace(report)
-    return report
+                               kernel_name="python3", progress_bar=True, report_mode=False,
+                               log_output=False)
+    executed = nbformat.read(partial, as_version=4)
+    executed.metadata["papermill"]["output_path"] = str(report)
+    nbformat.write(executed, report)
+    partial.unlink()
+    return root / report
 
 
 def main(argv: list[str] | None = None) -> int:

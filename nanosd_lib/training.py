@@ -73,15 +73,17 @@ class LatentSet:
 
     def draw(self, batch_size: int, generator: torch.Generator, t: torch.Tensor | None = None) -> dict:
         """A batch of noisy latents, timesteps, text states and targets; `t` fixes the timesteps."""
+        dev = self.mean.device  # random draws stay on the CPU generator: same batches on any device
         idx = torch.randint(len(self.mean), (batch_size,), generator=generator)
-        x0 = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape,
-                                                           generator=generator)) * self.scale
+        x0 = (self.mean[idx.to(dev)] + self.std[idx.to(dev)] * torch.randn(
+            (batch_size, *self.mean.shape[1:]), generator=generator).to(dev)) * self.scale
         cond = self.labels[idx].clone()
         cond[torch.rand(batch_size, generator=generator) < self.uncond_prob] = len(self.text_states) - 1
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(dev)
         if t is None:
             t = torch.randint(self.noise_sched.config.num_train_timesteps, (batch_size,),
                               generator=generator)
+        t, cond = t.to(dev), cond.to(self.text_states.device)
         return {"noisy": self.noise_sched.add_noise(x0, noise, t), "t": t,
                 "text": self.text_states[cond], "target": target(self.noise_sched, x0, noise, t)}
 

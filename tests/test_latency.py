@@ -30,6 +30,12 @@ def test_prediction_is_fixed_plus_options_minus_overheads():
     arch = space.Arch.parse("e012-d345")
     want = 2.0 + (10 + 0) + (20 + 1) + (30 + 2) + (40 + 3) + (50 + 4) + (60 + 5) - 6 * 0.1
     assert latency.predict_ms(table, arch) == pytest.approx(want)
+    other = space.Arch.teacher()
+    raw_other = latency.predict_ms(table, other)
+    factor = latency.calibrate(table, arch, measured_ms=1.1 * want)
+    assert factor == pytest.approx(1.1)
+    assert latency.predict_ms(table, arch) == pytest.approx(1.1 * want)
+    assert latency.predict_ms(table, other) == pytest.approx(1.1 * raw_other)
 
 
 def test_every_option_gets_its_real_inputs(base, callables):

@@ -1,0 +1,44 @@
+"""The stage notebooks through papermill, on paths nbval's smoke run does not take."""
+import json
+
+import nbformat
+import papermill
+import pytest
+
+from conftest import ROOT
+
+
+def parameters_of(notebook: str) -> dict:
+    nb = nbformat.read(ROOT / "notebooks" / notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace = {}
+    exec(cell.source, namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+
+
+def test_train_teacher_loads_a_local_diffusers_folder(smoke_teacher, smoke_teacher_dir, tmp_path):
+    """`base.teacher` naming a folder (scale sd15) loads it instead of training: SD-1.5's path."""
+    params = parameters_of("01_train_teacher.ipynb")
+    params["base"] = {**params["base"], "scale": "sd15", "teacher": str(smoke_teacher_dir)}
+    params["train_teacher"] = {**params["train_teacher"], "sample_steps": 2}
+    params["output_root"] = str(tmp_path)
+    papermill.execute_notebook(str(ROOT / "notebooks" / "01_train_teacher.ipynb"),
+                               str(tmp_path / "out.ipynb"), parameters=params, cwd=str(ROOT),
+                               kernel_name="python3", progress_bar=False)
+    metrics = json.loads((tmp_path / "results" / "train_teacher" / "metrics.json").read_text())
+    assert metrics["unet_params"] == sum(p.numel() for p in smoke_teacher.unet.parameters())
+    assert "unet_loss_initial" not in metrics  # nothing was trained
+    assert metrics["provenance"]["scale"] == "sd15"
+    source = json.loads((tmp_path / "data" / "teacher" / "source.json").read_text())
+    assert source["teacher"] == str(smoke_teacher_dir)
+
+
+def test_a_bad_parameters_cell_fails_before_any_output(tmp_path):
+    params = parameters_of("00_measure_baseline_cost.ipynb")
+    params["measure_baseline_cost"] = {**params["measure_baseline_cost"], "timing_runs": 0}
+    params["output_root"] = str(tmp_path)
+    with pytest.raises(papermill.PapermillExecutionError, match="timing_runs: must be positive"):
+        papermill.execute_notebook(str(ROOT / "notebooks" / "00_measure_baseline_cost.ipynb"),
+                                   str(tmp_path / "out.ipynb"), parameters=params, cwd=str(ROOT),
+                                   kernel_name="python3", progress_bar=False)
+    assert not (tmp_path / "results").exists()
