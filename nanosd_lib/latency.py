@@ -45,7 +45,9 @@ def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: 
 # session of its own export. Whole models are timed the same way, to check the table adds up.
 
 import copy  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from torch import nn  # noqa: E402
@@ -104,9 +106,27 @@ def example_inputs(cfg, latent_px: int, text_len: int, seed: int = 0) -> dict[st
             "encoder_hidden_states": torch.randn(1, text_len, cfg.cross_attention_dim, generator=g)}
 
 
+class _Lazy(Mapping):
+    """name -> module, built when asked for: at SD-1.5 width all 37 at once would need ~14 GB."""
+
+    def __init__(self, builders: dict):
+        self._builders = builders
+
+    def __getitem__(self, name):
+        return self._builders[name]()
+
+    def __iter__(self):
+        return iter(self._builders)
+
+    def __len__(self):
+        return len(self._builders)
+
+
 @torch.no_grad()
-def stage_callables(base, inputs: dict) -> tuple[dict, dict]:
-    """(callables, their positional inputs) for every (stage, option) and for the fixed parts."""
+def stage_callables(base, inputs: dict) -> tuple[Mapping, dict]:
+    """(callables, their positional inputs) for every (stage, option) and for the fixed parts.
+
+    The callables are built on demand, each from a fresh copy of the base's block."""
     from . import student, surgery
     from .recorder import Recorder
     from .space import DECODERS, STAGES, Arch, options
@@ -114,25 +134,28 @@ def stage_callables(base, inputs: dict) -> tuple[dict, dict]:
     ref, _ = student.from_base(base, Arch.teacher())
     with Recorder(ref, [f"stages.{s}" for s in STAGES]) as rec:
         out = ref(*inputs.values()).sample
-    calls, args = {}, {}
+    assert out.shape == inputs["sample"].shape
+    builders, args = {}, {}
     cfg = dict(ref.config)
+
+    def build(stage, i, size):
+        block = base.get_submodule(surgery.BASE_MODULES[stage])
+        mod = student.build_stage(stage, i, copy.deepcopy(block), cfg).eval()
+        return _DecoderCall(mod, size) if stage in DECODERS else _EncoderCall(mod)
+
     for stage in STAGES:
         (a, kw, _), = rec.calls[f"stages.{stage}"]
-        block = base.get_submodule(surgery.BASE_MODULES[stage])
         for i in range(len(options(stage))):
-            mod = student.build_stage(stage, i, copy.deepcopy(block), cfg).eval()
+            name = f"{stage}/{i}"
+            builders[name] = lambda s=stage, i=i, size=kw.get("upsample_size"): build(s, i, size)
             if stage in DECODERS:
                 h, skips, temb, text = a
-                calls[f"{stage}/{i}"] = _DecoderCall(mod, kw.get("upsample_size"))
-                args[f"{stage}/{i}"] = (h, temb, text, *skips)
+                args[name] = (h, temb, text, *skips)
             else:
-                calls[f"{stage}/{i}"] = _EncoderCall(mod)
-                args[f"{stage}/{i}"] = tuple(a)
-    last = rec.calls["stages.D1"][0][2]
-    calls["fixed"] = _FixedCall(ref)
-    args["fixed"] = (inputs["sample"], inputs["timestep"], last)
-    assert out.shape == inputs["sample"].shape
-    return calls, args
+                args[name] = tuple(a)
+    builders["fixed"] = lambda: _FixedCall(ref)
+    args["fixed"] = (inputs["sample"], inputs["timestep"], rec.calls["stages.D1"][0][2])
+    return _Lazy(builders), args
 
 
 def onnx_session(module: nn.Module, args: tuple, path: Path, threads: int):
@@ -213,3 +236,27 @@ def count_flops(module: nn.Module, args: tuple) -> int:
     with counter, torch.no_grad():
         module(*args)
     return counter.get_total_flops()
+
+
+def load_table(backend: str, data_dir: str | Path) -> dict:
+    """The latency table later stages use, chosen by `latency.backend`.
+
+    'qai-hub' reads the SM8750 cache (whole models, each with its AI Hub jobs); with no entries it
+    falls back to the ONNX Runtime host table and says so in the returned table's `source`.
+    """
+    data_dir = Path(data_dir)
+    if backend == "qai-hub":
+        from .aihub import read_cache
+
+        cache = read_cache(data_dir / "device" / "sm8750.json")
+        if cache["entries"]:
+            return {"source": "qai-hub", "backend": "qai-hub", **cache}
+        table = load_table("onnxruntime", data_dir)
+        table["source"] = "onnxruntime (no SM8750 measurements cached: AI Hub not configured)"
+        return table
+    if backend not in BACKENDS:
+        raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS + ('qai-hub',)}")
+    path = data_dir / "latency" / f"{backend}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {backend} latency table; run the measure_latency stage")
+    return {"source": backend, **json.loads(path.read_text())}

@@ -55,9 +55,10 @@ def test_every_option_gets_its_real_inputs(base, callables):
 @pytest.mark.parametrize("name", ["E2/2", "D3/7", "fixed"])
 def test_onnx_export_matches_torch(callables, tmp_path, name):
     _, calls, args = callables
-    run = latency.onnx_session(calls[name], args[name], tmp_path / "m.onnx", threads=1)
+    module = calls[name]  # built on each access: keep one
+    run = latency.onnx_session(module, args[name], tmp_path / "m.onnx", threads=1)
     with torch.no_grad():
-        want = calls[name](*args[name])
+        want = module(*args[name])
     want = want if isinstance(want, tuple) else (want,)
     for got, ref in zip(run(), want):
         torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-5)
@@ -79,3 +80,21 @@ def test_flops_grow_with_the_architecture(base):
     big, _ = student.from_base(base, space.Arch.teacher())
     assert 0 < latency.count_flops(latency.WholeCall(small), inputs) < \
         latency.count_flops(latency.WholeCall(big), inputs)
+
+
+def test_later_stages_read_the_table_by_backend(tmp_path):
+    from nanosd_lib import aihub, outputs
+
+    with pytest.raises(FileNotFoundError, match="run the measure_latency stage"):
+        latency.load_table("onnxruntime", tmp_path)
+    (tmp_path / "latency").mkdir()
+    outputs.write_json(tmp_path / "latency" / "onnxruntime.json", {"fixed_ms": 1.0, "modules": {}})
+    assert latency.load_table("onnxruntime", tmp_path)["source"] == "onnxruntime"
+    fallback = latency.load_table("qai-hub", tmp_path)  # nothing measured on the phone yet
+    assert fallback["fixed_ms"] == 1.0 and "no SM8750 measurements" in fallback["source"]
+    (tmp_path / "device").mkdir()
+    outputs.write_json(tmp_path / "device" / "sm8750.json",
+                       {"device": aihub.DEVICE, "entries": {"e000-d000": {"ms": 20.5, "profile_job": "j1"}}})
+    assert latency.load_table("qai-hub", tmp_path)["entries"]["e000-d000"]["ms"] == 20.5
+    with pytest.raises(ValueError, match="latency.backend 'npu' is not one of"):
+        latency.load_table("npu", tmp_path)
