@@ -190,6 +190,10 @@ def load(path: str | Path) -> "Params":
     missing = [s for s in SECTIONS if s not in data]
     if missing:
         raise ParamsError(f"{path}: missing sections {missing}")
+    absent = [f"{name}.{f.name}" for name, schema in SECTIONS.items() if isinstance(data[name], dict)
+              for f in dataclasses.fields(schema) if f.name not in data[name]]
+    if absent:
+        raise ParamsError(f"{path}: missing keys {absent}")
     return check(**data)
 
 

@@ -64,6 +64,13 @@ def test_missing_section_and_unknown_section(tmp_path):
         config.check(trian_teacher={})
 
 
+def test_a_missing_key_is_named(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  unet_steps:", "  # unet_steps:")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(config.ParamsError, match=r"missing keys \['train_teacher.unet_steps'\]"):
+        config.load(tmp_path / "params.yaml")
+
+
 def test_reading_an_unlisted_key_fails():
     params = config.check(base={"seed": 1})
     assert params.base.seed == 1

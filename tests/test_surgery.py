@@ -47,6 +47,14 @@ def test_arch_id_round_trips_and_errors_name_the_stage():
         space.Arch.parse("e00-d000")
 
 
+def test_arch_encodes_to_a_vector_for_the_search():
+    assert space.Arch.teacher().vector() == [0.0] * 6
+    assert space.Arch.parse("e333-d777").vector() == [1.0] * 6
+    assert space.Arch.parse("e100-d007").vector() == [1 / 3, 0, 0, 0, 0, 1.0]
+    vectors = {tuple(a.vector()) for a in space.enumerate_space()}
+    assert len(vectors) == 32_768  # distinct architectures never collide
+
+
 def test_prune_maps_every_kept_weight(teacher_unet, base):
     t, b = teacher_unet.state_dict(), base.state_dict()
     for key, value in b.items():
