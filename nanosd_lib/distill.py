@@ -41,14 +41,14 @@ FEATURE_PAIRS = {
 
 @dataclass(frozen=True)
 class HealWeights:
-    task: float  # denoising loss against the true noise
-    out: float  # output-level KD: match the teacher's noise prediction
+    task: float  # denoising loss against the schedule's target (noise or velocity)
+    out: float  # output-level KD: match the teacher's prediction
     feat: float  # feature-level KD: match the teacher at each kept stage's output
 
 
 def heal(base, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
          weights: HealWeights, generator: torch.Generator) -> list[dict]:
-    """Train the pruned base against the teacher; returns every term of every step."""
+    """Train the pruned base against the (frozen) teacher; returns every term of every step."""
     teacher_unet.eval().requires_grad_(False)
     base.train()
     opt = torch.optim.AdamW(base.parameters(), lr=lr, weight_decay=0.0)
