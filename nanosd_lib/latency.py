@@ -1,11 +1,17 @@
 """Latency is measured, not estimated: warm-up, then the median of N timed runs at a fixed thread count."""
 from __future__ import annotations
 
+import copy
+import json
+import platform
 import statistics
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -44,13 +50,7 @@ def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: 
 # hooks on the base-architecture student), each as its own callable: torch eager, or an ONNX Runtime
 # session of its own export. Whole models are timed the same way, to check the table adds up.
 
-import copy  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-from torch import nn  # noqa: E402
 
 BACKENDS = ("torch", "onnxruntime")
 
