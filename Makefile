@@ -25,11 +25,11 @@ repro: setup
 test: setup unit nbval
 
 unit:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-# Every notebook at the smoke scale; outputs go to build/nbval, never to DVC outputs.
+# Every notebook at the smoke scale, in stage order; outputs go to build/nbval, never to DVC outputs.
 nbval: clean-nbval
-	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider --durations=0 notebooks
 
 clean-nbval:
 	rm -rf build/nbval

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+# SD-1.5's U-Net block types, E1..E4 and D4..D1: the topology every teacher here has, at any width.
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD15_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 # SD-1.5's configs, as published in its unet/, vae/ and text_encoder/ config.json files.
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    down_block_types=SD15_DOWN_BLOCKS, up_block_types=SD15_UP_BLOCKS,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
 SD15_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
@@ -80,7 +82,10 @@ def sd15_on_meta() -> dict[str, torch.nn.Module]:
 
 
 def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """diffusers' `num_parameters()`, also for a plain nn.Module such as one stage of a U-Net."""
+    from diffusers import ModelMixin
+
+    return ModelMixin.num_parameters(module)
 
 
 def memory_table(params: int) -> dict[str, float]:

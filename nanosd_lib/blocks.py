@@ -11,12 +11,22 @@ Every form keeps its layer's input and output shapes, so any option plugs into a
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
+
+
+def inner_groups(inner: int, full: int, groups: int) -> int:
+    """GroupNorm groups for a slimmed width: the teacher's channels per group are kept (SD-1.5: 320
+    channels in 32 groups of 10, so a quarter-width 80 gets 8 groups of 10), so a group normalises
+    the same kind of slice it did in the teacher."""
+    per_group, rest = divmod(full, groups)
+    if rest or inner % per_group:
+        raise ValueError(f"a slim resnet of {inner} inner channels cannot keep the teacher's "
+                         f"{full}/{groups} = {full / groups:g} channels per GroupNorm group; choose "
+                         f"widths whose slim fractions are multiples of {max(per_group, 1)}")
+    return inner // per_group
 
 
 class SlimResnet(nn.Module):
@@ -24,10 +34,10 @@ class SlimResnet(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, inner: int, temb_ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(math.gcd(groups, in_ch), in_ch, eps=eps)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)  # on the full input: the teacher's norm
         self.conv1 = nn.Conv2d(in_ch, inner, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, inner)
-        self.norm2 = nn.GroupNorm(math.gcd(groups, inner), inner, eps=eps)
+        self.norm2 = nn.GroupNorm(inner_groups(inner, out_ch, groups), inner, eps=eps)
         self.conv2 = nn.Conv2d(inner, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 

@@ -1,150 +1,283 @@
-"""The study's parameters: one typed schema per `params.yaml` section, checked before any work starts.
+"""The study's parameters: one pydantic model per `params.yaml` section, checked before any work starts.
 
-`params.yaml` has a shared `base:` section and one section per stage. Every section is a dataclass
-below; a key that is not a field, a value of the wrong type or an impossible value is reported in one
-`ParamsError` that names the key and what would be allowed.
+`params.yaml` has a shared `base:` section and one section per stage. Each section below is a strict
+pydantic model (`extra="forbid"`: an unknown key is an error; strict types: `"600"` is not an int); each
+field's description says why it exists. Every problem in the file is reported in one `ParamsError` that
+names the key and what would be allowed. `dvc repro` runs the same check as its first stage
+(`check_params`), so a bad file stops the pipeline before any stage has touched an output.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCALES = ("smoke", "embedded", "sd15")
+LATENCY_BACKENDS = ("onnxruntime", "torch", "qai-hub")
 
 
 class ParamsError(ValueError):
     """Bad parameters; the message lists every offending key and what would be right."""
 
 
-def _f(why: str, *, choices=None, minimum=None):
-    """A schema field: a one-line reason and the values it may take. Values live in params.yaml."""
-    return field(metadata={"why": why, "choices": choices, "min": minimum})
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-@dataclass(frozen=True)
-class Base:
-    seed: int = _f("one seed for data crops, init, noise and sampling", minimum=0)
-    scale: str = _f("smoke (tests), embedded (laptop default) or sd15 (a local SD-1.5)",
-                    choices=SCALES)
-    threads: int = _f("torch intra-op threads; fixed so that timings are comparable", minimum=1)
+def _f(why: str, **limits):
+    return Field(description=why, **limits)
+
+
+class Base(Section):
+    seed: int = _f("one seed for data crops, init, noise and sampling", ge=0)
+    scale: Literal["smoke", "embedded", "sd15"] = _f(
+        "smoke (tests), embedded (laptop default) or sd15 (a local SD-1.5)")
+    threads: int = _f("torch intra-op threads; fixed so that timings are comparable", ge=1)
     teacher: str = _f("'embedded' trains the small teacher; else a local diffusers folder")
+    latency_backend: Literal["onnxruntime", "torch", "qai-hub"] = _f(
+        "whose latency table the search and the evaluation read")
 
 
-@dataclass(frozen=True)
-class MeasureBaselineCost:
-    image_width: int = _f("the photo the seed tiles (4K, 12 MP)", minimum=1)
-    image_height: int = _f("its height", minimum=1)
-    tile_px: int = _f("SD-1.5's native resolution", minimum=8)
-    overlap_px: int = _f("overlap between neighbouring tiles, hides seams", minimum=0)
-    device_tile_ms: float = _f("the seed's int4 per-tile latency on the SM8750 NPU", minimum=0.0)
-    timing_runs: int = _f("timed forwards after warm-up; the median is reported", minimum=1)
+class GatherPhotos(Section):
+    holdout: list[str] = _f("photos kept out of training, for later stages' validation")
+
+    @field_validator("holdout")
+    @classmethod
+    def _known(cls, value):
+        from .photos import check_holdout
+
+        problems = check_holdout(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+
+class MeasureBaselineCost(Section):
+    image_width: int = _f("the photo the seed tiles (4K, 12 MP)", ge=1)
+    image_height: int = _f("its height", ge=1)
+    tile_px: int = _f("SD-1.5's native resolution", ge=8)
+    overlap_px: int = _f("overlap between neighbouring tiles, hides seams (< tile_px)", ge=0)
+    device_tile_ms: float = _f("the seed's int4 per-tile latency on the SM8750 NPU", ge=0)
+    timing_runs: int = _f("timed forwards after warm-up; the median is reported", ge=1)
     sd15_host_forward: bool = _f("also time the SD-1.5-config U-Net at 64x64 latents (~4 GiB)")
 
 
-@dataclass(frozen=True)
-class TrainTeacher:
-    vae_steps: int = _f("AutoencoderKL optimisation steps", minimum=1)
-    unet_steps: int = _f("U-Net denoising steps", minimum=1)
-    batch_size: int = _f("crops per step", minimum=1)
-    vae_lr: float = _f("AdamW learning rate for the VAE", minimum=0.0)
-    unet_lr: float = _f("AdamW learning rate for the U-Net", minimum=0.0)
-    kl_weight: float = _f("weight of the VAE's KL term, as in SD's autoencoder", minimum=0.0)
-    uncond_prob: float = _f("prompt dropout, so that classifier-free guidance works", minimum=0.0)
-    crops: int = _f("random crops drawn once from the training photos", minimum=1)
-    vae_crop_px: int = _f("VAE trains on smaller crops: it is convolutional, and 4x cheaper", minimum=8)
-    sample_steps: int = _f("DDIM steps for the sample grid", minimum=1)
-    guidance_scale: float = _f("classifier-free guidance for samples", minimum=0.0)
-    samples_per_prompt: int = _f("columns of the sample grid", minimum=1)
-    holdout: list = _f("photos kept out of training for restoration")
+class TrainTeacher(Section):
+    vae_steps: int = _f("AutoencoderKL optimisation steps", ge=1)
+    unet_steps: int = _f("U-Net denoising steps", ge=1)
+    batch_size: int = _f("crops per U-Net step", ge=1)
+    vae_batch_size: int = _f("crops per VAE step (small crops: many fit)", ge=1)
+    vae_lr: float = _f("AdamW peak learning rate for the VAE (one-cycle)", gt=0)
+    unet_lr: float = _f("AdamW peak learning rate for the U-Net (one-cycle)", gt=0)
+    kl_weight: float = _f("weight of the VAE's KL term, as in SD's autoencoder", ge=0)
+    perceptual_weight: float = _f("weight of the lpips_mnv2 term in the VAE loss", ge=0)
+    uncond_prob: float = _f("prompt dropout, so that classifier-free guidance works", ge=0, le=1)
+    min_snr_gamma: float = _f("Min-SNR loss weighting's gamma (0: plain MSE)", ge=0)
+    high_noise_share: float = _f("share of each batch drawn from the noisiest 40 % of timesteps", ge=0, le=1)
+    crops: int = _f("random crops drawn once from the training photos (U-Net latents)", ge=1)
+    vae_crops: int = _f("random crops drawn once for the VAE", ge=1)
+    vae_crop_px: int = _f("VAE trains on small crops: it is convolutional, and many times cheaper",
+                          ge=8, multiple_of=8)
+    sample_steps: int = _f("DDIM steps for the sample grid and caption accuracy", ge=1)
+    guidance_scale: float = _f("classifier-free guidance for samples", ge=0)
+    samples_per_prompt: int = _f("samples per prompt for the grid and caption accuracy", ge=1)
 
 
-@dataclass(frozen=True)
-class PruneUnet:
-    candidates: int = _f("random candidates built from the base, run forward and tabulated", minimum=1)
+class PruneUnet(Section):
+    candidates: int = _f("random candidates built from the base, run forward and tabulated", ge=1)
 
 
-@dataclass(frozen=True)
-class DistillModules:
-    heal_steps: int = _f("steps healing the pruned base against the teacher", minimum=1)
-    heal_lr: float = _f("AdamW learning rate for healing", minimum=0.0)
-    w_task: float = _f("weight of the denoising loss while healing", minimum=0.0)
-    w_out: float = _f("weight of output-level KD while healing", minimum=0.0)
-    w_feat: float = _f("weight of feature-level KD (kept stages' outputs) while healing", minimum=0.0)
-    batch_size: int = _f("samples per step, healing and modules", minimum=1)
-    record_batches: int = _f("batches of stage inputs/outputs recorded from the healed base", minimum=1)
-    module_steps: int = _f("steps per student module", minimum=1)
-    module_lr: float = _f("AdamW learning rate per module, cosine-decayed", minimum=0.0)
-    checkpoint_every: int = _f("steps between resumable module checkpoints", minimum=1)
-    eval_candidates: int = _f("random candidates compared distilled vs undistilled (>= 16)", minimum=1)
-    ranks: int = _f("torchrun processes sharing the 30 module jobs; 1 runs in the notebook", minimum=1)
+class DistillModules(Section):
+    heal_steps: int = _f("steps healing the pruned base against the teacher", ge=1)
+    heal_lr: float = _f("AdamW learning rate for healing", gt=0)
+    w_task: float = _f("weight of the denoising loss while healing", ge=0)
+    w_out: float = _f("weight of output-level KD while healing", ge=0)
+    w_feat: float = _f("weight of feature-level KD (kept stages' outputs) while healing", ge=0)
+    batch_size: int = _f("samples per step, healing and modules", ge=1)
+    record_batches: int = _f("batches of stage inputs/outputs recorded from the healed base", ge=1)
+    module_steps: int = _f("steps per student module", ge=1)
+    module_lr: float = _f("AdamW learning rate per module, cosine-decayed", gt=0)
+    checkpoint_every: int = _f("steps between resumable module checkpoints", ge=1)
+    eval_candidates: int = _f("random candidates compared distilled vs undistilled (>= 16)", ge=1)
+    ranks: int = _f("torchrun processes sharing the 30 module jobs; 1 runs in the notebook", ge=1)
 
 
-@dataclass(frozen=True)
-class Latency:
-    backend: str = _f("whose latencies later stages use", choices=("onnxruntime", "torch", "qai-hub"))
-
-
-@dataclass(frozen=True)
-class MeasureLatency:
-    runs: int = _f("timed runs per measurement after 2 warm-up runs; the median is kept", minimum=3)
-    candidates: int = _f("random whole candidates that check the table (besides teacher/base/fastest)",
-                         minimum=1)
-    device_candidates: int = _f("whole models sent to AI Hub when it is configured", minimum=0)
+class MeasureLatency(Section):
+    backends: list[Literal["torch", "onnxruntime"]] = _f("host backends timed (ONNX Runtime, the "
+                                                         "deployment runtime, last if both)", min_length=1)
+    rounds: int = _f("interleaved rounds; an item's latency is its median over rounds (two halves "
+                     "give the noise floor)", ge=2)
+    runs: int = _f("timed calls per item per round, after one warm-up call; the median is kept", ge=1)
+    fit_models: int = _f("whole models the per-option costs are fitted on", ge=10)
+    check_models: int = _f("whole models held out from the fit: the reported error", ge=2)
     sd15_width: bool = _f("also time every option at SD-1.5 width, 64x64 latents (slow, ~minutes)")
 
 
-SECTIONS: dict[str, type] = {
+class SearchArchitectures(Section):
+    pairs: int = _f("(prompt, noise) pairs per quality evaluation: images per candidate", ge=2)
+    steps: int = _f("DDIM steps of the teacher's sampler in the quality probe", ge=1)
+    guidance: float = _f("classifier-free guidance in the quality probe", ge=0)
+    metric: Literal["taFD[mnv2]", "taKD[mnv2]"] = _f("the quality objective; the stability check "
+                                                     "reports both")
+    stability_candidates: int = _f("random candidates scored on two noise sets to check the "
+                                   "objective's ranking (>= 12 for the study)", ge=3)
+    seeds: int = _f("independent runs of every method", ge=1)
+    evaluations: int = _f("distinct candidates every method may evaluate per run: the shared budget",
+                          ge=4)
+    n_init: int = _f("random first designs, the same for every method at a seed", ge=2)
+    q: int = _f("candidates per round (EHVI's batch, NSGA-II's offspring)", ge=1)
+    pool: int = _f("unevaluated candidates EHVI scores per round (all 32,768 cost ~1 min a round)", ge=1)
+    quality_quantile: float = _f("family rule: Latency and Params must have quality within this "
+                                 "quantile of every evaluated candidate's", gt=0, le=1)
+
+
+class SlimVae(Section):
+    option: str = _f("the slim VAE kept, a name from nanosd_lib.vae.OPTIONS (the table shows why)")
+    table_steps: int = _f("distillation steps per option for the comparison table", ge=1)
+    steps: int = _f("distillation steps of the chosen option", ge=1)
+    batch_size: int = _f("crops per distillation step", ge=1)
+    lr: float = _f("AdamW peak learning rate (one-cycle)", gt=0)
+    crops: int = _f("training crops drawn once from the train split", ge=1)
+    crop_px: int = _f("crop side (small: the VAE is convolutional)", ge=8, multiple_of=8)
+    w_latent: float = _f("weight of latent match (mean and log-variance vs the teacher's)", ge=0)
+    w_kl: float = _f("weight of the KL term, as in SD's autoencoder", ge=0)
+    w_recon: float = _f("weight of L1 reconstruction", ge=0)
+    w_perceptual: float = _f("weight of lpips_mnv2", ge=0)
+    w_decoder: float = _f("weight of decoder match on the teacher's latents", ge=0)
+    latents: int = _f("generated latents per U-Net for the compatibility check", ge=2)
+    runs: int = _f("timed runs per latency, median kept (SD-1.5 width: seconds each)", ge=1)
+    sd15_timing: bool = _f("also time both VAEs at SD-1.5 width (random weights, ~2 min)")
+
+    @field_validator("option")
+    @classmethod
+    def _known_option(cls, value):
+        from .vae_options import OPTIONS
+
+        if value not in [o.name for o in OPTIONS]:
+            raise ValueError(f"unknown option {value!r}; choose from {[o.name for o in OPTIONS]}")
+        return value
+
+
+class RestorePhotos(Section):
+    steps: int = _f("fine-tuning steps, the same for every backbone and task", ge=1)
+    batch_size: int = _f("HQ crops per fine-tuning step", ge=1)
+    crop_px: int = _f("HQ crop side: a multiple of 8 (VAE) and of 4 (x4 SR)", ge=8, multiple_of=8)
+    lr: float = _f("AdamW learning rate, cosine-decayed", gt=0)
+    perceptual_weight: float = _f("weight of lpips_mnv2 beside L2", ge=0)
+    timestep: int = _f("the fixed timestep the LQ latent is read at (OSEDiff: one step)", ge=0, le=999)
+    tile_px: int = _f("restoration tile (pixels), a multiple of 8", ge=8, multiple_of=8)
+    overlap_px: int = _f("overlap between tiles, blended with a feathered window (< tile_px)", ge=0)
+    crops: int = _f("HQ crops drawn once from the train split", ge=1)
+    runs: int = _f("timed runs per tile latency, median kept", ge=1)
+    photos: int = _f("Kodak test photos restored at full size (all 5 for the study)", ge=1, le=5)
+    seed_photo: bool = _f("also cost the seed's 4000x3000 photo at SD-1.5 width (needs slim_vae's "
+                          "sd15_timing; builds SD-1.5-width U-Nets, ~1 min)")
+
+
+class EvaluateFamily(Section):
+    images: int = _f("fresh (prompt, noise) pairs per model, disjoint from the search's (>= 256 for "
+                     "the study)", ge=2)
+    kd_lr: float = _f("AdamW learning rate of the baselines' whole-model KD", gt=0)
+    interp_frames: int = _f("frames along each slerp between two noises", ge=3)
+    grid_prompts: int = _f("prompts (columns) in the sample grid", ge=1)
+
+
+class ProfileOnDevice(Section):
+    calibration_prompts: int = _f("sampling runs whose U-Net inputs calibrate INT8", ge=1)
+    sample_steps: int = _f("DDIM steps of those runs and of the INT8 quality probe", ge=1)
+    held_out_prompts: int = _f("other runs whose inputs check INT8 against fp32", ge=1)
+    runs: int = _f("timed calls per model after warm-up; the median is kept", ge=3)
+    quality_pairs: int = _f("(prompt, noise) pairs for the INT8 taFD[mnv2]", ge=2)
+    guidance: float = _f("classifier-free guidance of the INT8 quality probe", ge=0)
+
+
+SECTIONS: dict[str, type[Section]] = {
     "base": Base,
+    "gather_photos": GatherPhotos,
     "measure_baseline_cost": MeasureBaselineCost,
     "train_teacher": TrainTeacher,
     "prune_unet": PruneUnet,
     "distill_modules": DistillModules,
-    "latency": Latency,
     "measure_latency": MeasureLatency,
+    "search_architectures": SearchArchitectures,
+    "slim_vae": SlimVae,
+    "evaluate_family": EvaluateFamily,
+    "restore_photos": RestorePhotos,
+    "profile_on_device": ProfileOnDevice,
 }
 
 
-def _type_ok(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is list:
-        return isinstance(value, (list, tuple))
-    return isinstance(value, kind)
+def _describe(section: str, err: dict) -> str:
+    """One line for one pydantic error, in the study's words."""
+    key = ".".join([section, *map(str, err["loc"])])
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; {section} allows {sorted(SECTIONS[section].model_fields)}"
+    if kind == "missing":
+        return f"{key}: missing"
+    if kind.endswith("_type") or kind in ("int_from_float", "bool_parsing", "int_parsing"):
+        want = kind.split("_")[0].replace("string", "str")
+        return f"{key}: expected {want}, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {ctx.get('expected')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than", "multiple_of"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+              "less_than": "<", "multiple_of": "a multiple of"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"{key}: must be {op} {bound}, got {value!r}"
+    if kind == "value_error":
+        return f"{key}: {str(ctx.get('error', err['msg']))}"
+    return f"{key}: {err['msg']} (got {value!r})"
 
 
-def _problems(section: str, values: dict) -> list[str]:
-    schema = SECTIONS[section]
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+def _section_problems(section: str, values, partial: bool) -> list[str]:
+    if section not in SECTIONS:
+        return [f"{section}: unknown section; params.yaml allows {sorted(SECTIONS)}"]
+    if not isinstance(values, dict):
+        return [f"{section}: expected a mapping of keys, got {type(values).__name__}"]
+    try:
+        SECTIONS[section].model_validate(values)
+    except ValidationError as err:
+        return [_describe(section, e) for e in err.errors(include_url=False)
+                if not (partial and e["type"] == "missing")]
+    return []
+
+
+def _cross_problems(sections: dict, root: Path | None) -> list[str]:
+    """Checks that span keys: overlap below tile, the teacher folder and its scale, the device table."""
     out = []
-    for key, value in values.items():
-        name = f"{section}.{key}"
-        if key not in fields:
-            out.append(f"{name}: unknown key; {section} allows {sorted(fields)}")
-            continue
-        f = fields[key]
-        kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list}[f.type]
-        meta = f.metadata
-        if not _type_ok(value, kind):
-            out.append(f"{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-        elif meta["choices"] and value not in meta["choices"]:
-            out.append(f"{name}: {value!r} is not one of {list(meta['choices'])}")
-        elif meta["min"] is not None and value < meta["min"]:
-            strict = "positive" if meta["min"] == 1 else f">= {meta['min']}"
-            out.append(f"{name}: must be {strict}, got {value!r}")
+    cost = sections.get("measure_baseline_cost") or {}
+    if isinstance(cost.get("overlap_px"), int) and isinstance(cost.get("tile_px"), int) \
+            and cost["overlap_px"] >= cost["tile_px"]:
+        out.append(f"measure_baseline_cost.overlap_px: {cost['overlap_px']} must be below tile_px "
+                   f"({cost['tile_px']})")
+    restore = sections.get("restore_photos") or {}
+    if isinstance(restore.get("overlap_px"), int) and isinstance(restore.get("tile_px"), int) \
+            and restore["overlap_px"] >= restore["tile_px"]:
+        out.append(f"restore_photos.overlap_px: {restore['overlap_px']} must be below tile_px "
+                   f"({restore['tile_px']})")
+    base = sections.get("base") or {}
+    timed = (sections.get("measure_latency") or {}).get("backends")
+    if isinstance(timed, list) and base.get("latency_backend") in ("torch", "onnxruntime") \
+            and base["latency_backend"] not in timed:
+        out.append(f"base.latency_backend: {base['latency_backend']!r} is not among "
+                   f"measure_latency.backends {timed}")
+    if isinstance(base.get("teacher"), str):
+        out += _teacher_problems(base)
+    if base.get("latency_backend") == "qai-hub" and root is not None:
+        from .devicecache import device_table_status
+
+        status = device_table_status(root / "data" / "device" / "sm8750.json")
+        if status:
+            out.append(f"base.latency_backend: 'qai-hub' has no complete SM8750 table yet: {status}")
     return out
 
 
 def _teacher_problems(base: dict) -> list[str]:
-    teacher, scale = base.get("teacher", "embedded"), base.get("scale", "embedded")
+    teacher, scale = base["teacher"], base.get("scale", "embedded")
     if teacher == "embedded":
         return ["base.scale: 'sd15' needs base.teacher to name a local SD-1.5 diffusers folder"] \
             if scale == "sd15" else []
@@ -159,23 +292,23 @@ def _teacher_problems(base: dict) -> list[str]:
     return []
 
 
-def check(**sections: dict) -> "Params":
+def _message(problems: list[str]) -> str:
+    """One line for one problem; a count and one line each for several."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
+def check(root: str | Path | None = None, **sections: dict) -> "Params":
     """Validate the given sections (each may hold a subset of its keys) and return them typed.
 
     Raises one ParamsError naming every bad key before anything else happens.
     """
-    problems = []
-    for name, values in sections.items():
-        if name not in SECTIONS:
-            problems.append(f"{name}: unknown section; params.yaml allows {sorted(SECTIONS)}")
-        elif not isinstance(values, dict):
-            problems.append(f"{name}: expected a mapping of keys, got {type(values).__name__}")
-        else:
-            problems += _problems(name, values)
-    if not problems and "base" in sections and "teacher" in sections["base"]:
-        problems += _teacher_problems(sections["base"])
+    problems = [p for name, values in sections.items() for p in _section_problems(name, values, True)]
+    if not problems:
+        problems = _cross_problems(sections, Path(root) if root else None)
     if problems:
-        raise ParamsError("invalid parameters:\n  " + "\n  ".join(problems))
+        raise ParamsError(_message(problems))
     return Params({k: _Section(k, v) for k, v in sections.items()})
 
 
@@ -184,17 +317,19 @@ def load(path: str | Path) -> "Params":
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected sections at the top level, got {type(data).__name__}")
-    missing = [s for s in SECTIONS if s not in data]
-    if missing:
-        raise ParamsError(f"{path}: missing sections {missing}")
-    absent = [f"{name}.{f.name}" for name, schema in SECTIONS.items() if isinstance(data[name], dict)
-              for f in dataclasses.fields(schema) if f.name not in data[name]]
-    if absent:
-        raise ParamsError(f"{path}: missing keys {absent}")
-    return check(**data)
+    problems = [f"{name}: missing section" for name in SECTIONS if name not in data]
+    problems += [p for name, values in data.items() for p in _section_problems(name, values, False)]
+    if not problems:
+        problems = _cross_problems(data, path.parent)
+    if problems:
+        raise ParamsError(_message(problems))
+    return Params({k: _Section(k, v) for k, v in data.items()})
 
 
 class _Section:

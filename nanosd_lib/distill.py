@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from . import student
+from .outputs import LIBRARY, fingerprint, write_json
+from .progress import bar
 from .recorder import Recorder
 from .space import STAGES, Arch, student_modules
 from .training import LatentSet, check_finite
@@ -47,22 +48,33 @@ class HealWeights:
 
 
 def heal(base, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
-         weights: HealWeights, generator: torch.Generator) -> list[dict]:
-    """Train the pruned base against the (frozen) teacher; returns every term of every step."""
+         weights: HealWeights, generator: torch.Generator, pairs: dict | None = None) -> list[dict]:
+    """Train the pruned base against the (frozen) teacher; returns every term of every step.
+
+    `pairs` (default FEATURE_PAIRS) names where features are matched, so other students (the
+    baselines) can be trained the same way; a paired output must have the teacher's shape, and with
+    no pairs feat_kd is logged as 0."""
+    pairs = FEATURE_PAIRS if pairs is None else pairs
     teacher_unet.eval().requires_grad_(False)
     base.train()
     opt = torch.optim.AdamW(base.parameters(), lr=lr, weight_decay=0.0)
-    s_names = [p[0] for p in FEATURE_PAIRS.values()]
-    t_names = [p[1] for p in FEATURE_PAIRS.values()]
+    s_names = [p[0] for p in pairs.values()]
+    t_names = [p[1] for p in pairs.values()]
     log = []
-    for step in tqdm(range(steps), desc="heal"):
+    for step in bar(range(steps), desc="heal"):
         b = data.draw(batch_size, generator)
         with torch.no_grad(), Recorder(teacher_unet, t_names) as t_rec:
             t_pred = teacher_unet(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
         with Recorder(base, s_names, detach=False) as s_rec:
             pred = base(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
-        feat = sum(F.mse_loss(s_pick(s_rec.calls[s][0][2]), t_pick(t_rec.calls[t][0][2]))
-                   for s, t, s_pick, t_pick in FEATURE_PAIRS.values()) / len(FEATURE_PAIRS)
+        terms = []
+        for stage, (s, t, s_pick, t_pick) in pairs.items():
+            s_out, t_out = s_pick(s_rec.calls[s][0][2]), t_pick(t_rec.calls[t][0][2])
+            if s_out.shape != t_out.shape:
+                raise ValueError(f"feature pair {stage}: student {s} gives {tuple(s_out.shape)}, teacher "
+                                 f"{t} gives {tuple(t_out.shape)}; pairs must have equal shapes")
+            terms.append(F.mse_loss(s_out, t_out))
+        feat = sum(terms) / len(terms) if terms else pred.new_zeros(())
         task, out = F.mse_loss(pred, b["target"]), F.mse_loss(pred, t_pred)
         loss = weights.task * task + weights.out * out + weights.feat * feat
         opt.zero_grad(set_to_none=True)
@@ -182,8 +194,10 @@ def distill_module(stage: str, option: int, base, records: dict, job: ModuleJob,
     meta = {"module": name, "stage": stage, "option": option, "steps": job.steps,
             "final_loss": sum(log[-10:]) / len(log[-10:]), "relative_error": rel,
             "seconds": seconds + time.perf_counter() - t0, "losses": log}
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(final))
-    meta_path.write_text(json.dumps(meta))
+    tmp = final.with_suffix(".tmp")  # weights, then metadata, each moved into place whole
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(final)
+    write_json(meta_path, meta)
     partial.unlink(missing_ok=True)
     return meta
 
@@ -201,7 +215,7 @@ def distill_all(base, records: dict, job: ModuleJob, out_dir: Path, rank: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(enumerate(student_modules()))[rank::world]
     return [distill_module(stage, option, base, records, job, out_dir, index)
-            for index, (stage, option) in tqdm(jobs, desc=f"modules (rank {rank}/{world})")]
+            for index, (stage, option) in bar(jobs, desc=f"modules (rank {rank}/{world})")]
 
 
 def assemble(base, arch: Arch, students_dir: Path | None):
@@ -227,28 +241,52 @@ def load_metas(out_dir: Path) -> list[dict]:
     return metas
 
 
-def fingerprint(teacher_dir: str | Path, params: dict) -> str:
-    """What the modules depend on: the teacher's U-Net weights and the distillation params."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    for weights in sorted((Path(teacher_dir) / "unet").glob("*.safetensors")):
-        h.update(weights.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def prepare_dir(out_dir: Path, print_: str) -> str:
-    """Keep `out_dir` if it was made with the same fingerprint (a resumed run), else empty it."""
+def prepare_dir(out_dir: Path, params: dict, *inputs: str | Path, library: Path = LIBRARY) -> str:
+    """Keep `out_dir` only if it was made by this very run: same params, same library code, same
+    inputs (the teacher's weights, the notebook); a resumed run. Otherwise empty it first."""
     import shutil
 
+    print_ = fingerprint(params, *inputs, library=library)
     stamp = out_dir / "fingerprint.txt"
     if stamp.is_file() and stamp.read_text() == print_:
         done = len(list(out_dir.glob("*-*.safetensors")))
-        return f"resuming: {done} modules already finished, healed base kept"
+        return f"resuming: {done} modules already finished, healed base kept (fingerprint {print_})"
     for child in out_dir.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     stamp.write_text(print_)
     return f"starting clean (fingerprint {print_})"
+
+
+def heal_or_load(base, teacher_unet, data: LatentSet, healed_dir: Path, steps: int, batch_size: int,
+                 lr: float, weights: HealWeights, generator: torch.Generator):
+    """The healed base: loaded from `healed_dir` when a resumed run already healed it, else healed
+    and saved there. Returns (base, heal log)."""
+    import pandas as pd
+    from diffusers import UNet2DConditionModel
+
+    if (healed_dir / "heal.json").is_file():
+        log = pd.read_json(healed_dir / "heal.json").to_dict("records")
+        return UNet2DConditionModel.from_pretrained(healed_dir).to(base.device).eval(), log
+    log = heal(base, teacher_unet, data, steps, batch_size, lr, weights, generator)
+    base.save_pretrained(healed_dir)
+    write_json(healed_dir / "heal.json", log)
+    return base, log
+
+
+def distill_modules(base, records: dict, job: ModuleJob, out_dir: Path, ranks: int, threads: int,
+                    healed_dir: Path) -> list[dict]:
+    """All 30 modules: here with `ranks` 1, else a torchrun job whose ranks share them (it reads the
+    healed base from `healed_dir` and the records from a scratch file)."""
+    import subprocess
+    import tempfile
+
+    if ranks == 1:
+        return distill_all(base, records, job, out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(records, Path(tmp) / "records.pt")
+        subprocess.run(torchrun_command(ranks, healed_dir, Path(tmp) / "records.pt", out_dir, job,
+                                        max(1, threads // ranks)), check=True)
+    return load_metas(out_dir)
 
 
 def torchrun_command(ranks: int, base_dir: Path, records: str, out_dir: Path, job: ModuleJob,

@@ -91,6 +91,24 @@ def write_metrics(folder: Path, metrics: dict, prov: dict) -> Path:
     return write_json(folder / "metrics.json", {**metrics, "provenance": prov})
 
 
+LIBRARY = Path(__file__).parent
+
+
+def fingerprint(params: dict, *paths: str | Path, library: Path = LIBRARY) -> str:
+    """What persisted work depends on: its params, every source file of the library, and the given
+    files or folders (a notebook, a teacher's weights). Any change to any of them gives a new one."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    files = sorted(Path(library).glob("*.py"))
+    for path in map(Path, paths):
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def replace_dir(tmp: Path, final: Path) -> Path:
     """Move a finished folder into place, so an interrupted save never leaves a half folder."""
     if final.exists():

@@ -16,6 +16,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from . import surgery
+from .baseline import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS, count_params
 from .blocks import DecoderStage, EncoderStage, LiteTransformer, SlimResnet
 from .space import DECODERS, ENCODERS, STAGES, Arch
 
@@ -28,7 +29,7 @@ _FIXED = ("conv_in", "time_proj", "time_embedding", "conv_norm_out", "conv_act",
 
 def _base_unet(cfg: dict) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        down_block_types=SD15_DOWN_BLOCKS[:3], up_block_types=SD15_UP_BLOCKS[1:],
         mid_block_type=None, layers_per_block=2, **{k: cfg[k] for k in BASE_FIELDS})
 
 
@@ -90,8 +91,15 @@ class NanoUNet(ModelMixin, ConfigMixin):
         return Arch.parse(self.config.arch)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                return_dict: bool = True, **unused):
-        """UNet2DConditionModel's call, for the arguments SD-1.5's pipeline uses."""
+                return_dict: bool = True, **extra):
+        """UNet2DConditionModel's call, for the arguments SD-1.5's pipeline uses.
+
+        The pipeline also passes `timestep_cond`, `cross_attention_kwargs`, `added_cond_kwargs`...
+        as None; a value for any of them would change the result, so it is refused, not ignored."""
+        given = sorted(k for k, v in extra.items() if v is not None)
+        if given:
+            raise TypeError(f"NanoUNet does not support {given}; it takes sample, timestep, "
+                            "encoder_hidden_states and return_dict (the others must be None)")
         t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=sample.device)
         t = (t[None] if t.ndim == 0 else t).to(sample.device).expand(sample.shape[0])
         temb = self.time_embedding(self.time_proj(t).to(dtype=sample.dtype))
@@ -119,16 +127,13 @@ def option_params(cfg: dict) -> dict:
 
     from .space import options
 
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
     with torch.device("meta"):
         base = _base_unet(cfg)
-        table = {"fixed": sum(count(getattr(base, n)) for n in _FIXED)}
+        table = {"fixed": sum(count_params(getattr(base, n)) for n in _FIXED)}
         for stage in STAGES:
             block = base.get_submodule(surgery.BASE_MODULES[stage])
             for i in range(len(options(stage))):
-                table[stage, i] = count(build_stage(stage, i, copy.deepcopy(block), cfg))
+                table[stage, i] = count_params(build_stage(stage, i, copy.deepcopy(block), cfg))
     return table
 
 
@@ -171,6 +176,14 @@ def from_base(base: UNet2DConditionModel, arch: Arch) -> tuple[NanoUNet, list[st
                     d.load_state_dict(s.state_dict())
                     log.append(where)
     return student.eval(), log
+
+
+def load_any(path: str | Path):
+    """A saved U-Net of either kind: a NanoUNet (family member) or a UNet2DConditionModel (teacher,
+    pruned base, baselines), chosen by the `_class_name` its config records."""
+    if NanoUNet.load_config(path).get("_class_name") == "NanoUNet":
+        return load(path)
+    return UNet2DConditionModel.from_pretrained(path).eval()
 
 
 def load(path: str | Path) -> NanoUNet:

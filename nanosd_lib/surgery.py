@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
+from .baseline import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS, count_params
+
 # Stage -> (module in the teacher, layer pattern, fate). R = resnet, A = transformer (attention).
 STAGE_MAP = {
     "E1": ("down_blocks.0", "R-A-R-A + downsample", "kept"),
@@ -36,8 +38,7 @@ PREFIX_MAP = {"down_blocks.0.": "down_blocks.0.", "down_blocks.1.": "down_blocks
 DROPPED_PREFIXES = ("down_blocks.3.", "mid_block.", "up_blocks.0.", "down_blocks.2.downsamplers.")
 
 # The teacher family the surgery understands (SD-1.5's, at any width).
-_REQUIRED = {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+_REQUIRED = {"down_block_types": SD15_DOWN_BLOCKS, "up_block_types": SD15_UP_BLOCKS,
              "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn"}
 
 
@@ -96,8 +97,8 @@ def stage_params(unet: UNet2DConditionModel) -> dict[str, int]:
     """Parameters per stage of a full-topology U-Net, plus the fixed parts around the stages."""
     out = {}
     for stage, (module, _, _) in STAGE_MAP.items():
-        out[stage] = sum(p.numel() for p in unet.get_submodule(module).parameters())
-    out["fixed"] = sum(p.numel() for p in unet.parameters()) - sum(out.values())
+        out[stage] = count_params(unet.get_submodule(module))
+    out["fixed"] = count_params(unet) - sum(out.values())
     return out
 
 
@@ -118,3 +119,17 @@ def stage_flops(unet: UNet2DConditionModel, latent_px: int, text_len: int) -> di
            for stage, (module, _, _) in STAGE_MAP.items()}
     out["fixed"] = int(sum(per_module.get(top, {}).values())) - sum(out.values())
     return out
+
+
+def load_base(folder) -> UNet2DConditionModel:
+    """A pruned base saved with `save_pretrained` (the healed one lives in data/students/base)."""
+    return UNet2DConditionModel.from_pretrained(folder).eval()
+
+
+def pruned_sd15() -> UNet2DConditionModel:
+    """SD-1.5's pruned base from its real config; build it under `torch.device("meta")` to count."""
+    from .baseline import SD15_UNET
+
+    with torch.device("meta"):
+        cfg = base_config(UNet2DConditionModel(**SD15_UNET).config)
+    return UNet2DConditionModel(**cfg)

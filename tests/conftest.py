@@ -1,22 +1,35 @@
-"""Shared fixtures: real tiny models, real files, one thread (heavy tests never run in parallel)."""
+"""Shared fixtures: real tiny models, real files, two threads (heavy tests never run in parallel)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanosd_lib import data, teacher
+from nanosd_lib import photos, teacher
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "build" / "test-study"  # kept between sessions: the photo corpus takes ~10 s to build
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def study_root():
+    """A scratch study holding the real photo corpus and MobileNetV2 weights (fetched and checked by
+    the same code as the gather_photos stage; rebuilt when the catalogue changed)."""
+    manifest = STUDY / "data" / "photos" / "manifest.json"
+    have = [(r["name"], r["caption"]) for r in json.loads(manifest.read_text())] if manifest.is_file() else []
+    if have != [(p.name, p.caption) for p in photos.CATALOGUE.values()]:
+        photos.build(STUDY / "data" / "photos", STUDY / "data" / "archives", ["china", "stereo_motorcycle"])
+    return STUDY
 
 
 @pytest.fixture(scope="session")
 def smoke_teacher():
     """A freshly built smoke-scale teacher (untrained): SD-1.5 topology at tiny width."""
-    return teacher.build(teacher.SPECS["smoke"], list(data.CAPTIONS.values()), seed=0)
+    return teacher.build(teacher.SPECS["smoke"], photos.captions(), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanosd_lib import data, distill, space, surgery, training
+from nanosd_lib import data, distill, photos, space, surgery, training
 
 JOB = distill.ModuleJob(steps=40, batch_size=8, lr=2e-3, seed=0, checkpoint_every=5)
 
@@ -18,11 +18,9 @@ JOB = distill.ModuleJob(steps=40, batch_size=8, lr=2e-3, seed=0, checkpoint_ever
 @pytest.fixture(scope="module")
 def latents(smoke_teacher):
     gen = torch.Generator().manual_seed(0)
-    crops, labels = data.random_crops(["chelsea", "coffee", "rocket"], 32, 64, gen)
-    mean, std = training.encode_latents(smoke_teacher, crops)
-    states = smoke_teacher.encode_prompts(["a tabby cat", "a cup of coffee", "a rocket", ""])
-    sched = training.DDPMScheduler.from_config(smoke_teacher.scheduler.config)
-    return training.LatentSet(mean, std, labels, states, 1.0, sched, uncond_prob=0.1)
+    names = ["chelsea", "coffee", "rocket"]
+    return training.latent_set(smoke_teacher, [data.to_tensor(photos.bundled(n)) for n in names],
+                               [photos.CATALOGUE[n].caption for n in names], 32, gen, uncond_prob=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,20 @@ def test_teacher_with_other_topology_is_refused():
     cfg = dict(SMOKE, layers_per_block=1)
     with pytest.raises(ValueError, match="layers_per_block=1; the surgery needs SD-1.5's 2"):
         surgery.base_config(cfg)
+
+
+def test_unsupported_unet_arguments_are_refused_not_ignored(base):
+    nano, _ = student.from_base(base, space.Arch.parse("e123-d456"))
+    sample, t, text = inputs()
+    nano(sample, t, encoder_hidden_states=text, cross_attention_kwargs=None, timestep_cond=None)  # as the pipeline
+    with pytest.raises(TypeError, match=r"does not support \['cross_attention_kwargs'\]"):
+        nano(sample, t, encoder_hidden_states=text, cross_attention_kwargs={"scale": 0.5})
+
+
+def test_slim_groups_keep_the_teachers_channels_per_group():
+    from nanosd_lib.blocks import inner_groups
+
+    assert inner_groups(80, 320, 32) == 8 and inner_groups(160, 640, 32) == 8  # SD-1.5, quarter width
+    assert inner_groups(8, 32, 8) == 2  # embedded, quarter width: 4 channels a group, as the teacher's
+    with pytest.raises(ValueError, match="cannot keep the teacher's 320/32 = 10 channels per GroupNorm group"):
+        inner_groups(84, 320, 32)
