@@ -38,3 +38,77 @@ def loss_curves(panels: list[tuple[list[dict], str, str]], title: str, window: i
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def prompt_grid(images: torch.Tensor, labels: list[str], title: str = "", per_row: int = 3,
+                size: float = 1.0, marks: list[list[bool]] | None = None):
+    """Images [P, S, 3, H, W] in [0, 1]: `per_row` prompts side by side, each with its S samples.
+
+    `marks[p][s]` False draws a red frame (e.g. a sample whose nearest photo is another prompt's)."""
+    p, s = images.shape[:2]
+    rows = -(-p // per_row)
+    fig, axes = plt.subplots(rows, per_row * s, figsize=(per_row * s * size, rows * (size + 0.25)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(p):
+        for j in range(s):
+            ax = axes[i // per_row][(i % per_row) * s + j]
+            ax.imshow(images[i, j].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            if marks is not None and not marks[i][j]:
+                ax.add_patch(plt.Rectangle((0, 0), images.shape[-1] - 1, images.shape[-2] - 1,
+                                           fill=False, ec="red", lw=2))
+            if j == 0:
+                ax.set_title(labels[i], fontsize=7, loc="left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_files(paths: list, titles: list[str], width: float = 7.0):
+    """Saved figures side by side (e.g. an earlier run's, kept for comparison)."""
+    import matplotlib.image as mpimg
+
+    fig, axes = plt.subplots(1, len(paths), figsize=(width * len(paths), width * 0.75), squeeze=False)
+    for ax, path, title in zip(axes[0], paths, titles):
+        ax.imshow(mpimg.imread(path))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def hv_traces(traces: pd.DataFrame, title: str):
+    """Hypervolume against evaluations, one line per method (mean over seeds), band = min..max."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, df in traces.groupby("method"):
+        g = df.groupby("evaluations").hv
+        line, = ax.plot(g.mean().index, g.mean().values, label=method, lw=2)
+        ax.fill_between(g.min().index, g.min().values, g.max().values, alpha=0.2, color=line.get_color())
+    ax.set(xlabel="distinct candidates evaluated", ylabel="hypervolume (normalised objectives)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def front_projections(points: pd.DataFrame, objectives: list[str], marks: dict[str, str], title: str):
+    """Every evaluated point in the three pairwise projections; the 3-D front in colour, named ids marked."""
+    from .search import pareto_mask
+
+    on_front = pareto_mask(points[objectives].to_numpy())
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (i, j) in zip(axes, pairs):
+        x, y = objectives[i], objectives[j]
+        ax.scatter(points[x][~on_front], points[y][~on_front], s=12, c="lightgrey", label="evaluated")
+        ax.scatter(points[x][on_front], points[y][on_front], s=18, c="tab:blue", label="3-D front")
+        for name, arch_id in marks.items():
+            row = points[points.id == arch_id].iloc[0]
+            ax.scatter(row[x], row[y], s=120, marker="*", c="crimson", zorder=3)
+            ax.annotate(f"{name} {arch_id}", (row[x], row[y]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel=x, ylabel=y)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

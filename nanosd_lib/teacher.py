@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from .baseline import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS, count_params
+
 # SD-1.5's noise schedule (its scheduler/scheduler_config.json) ...
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -22,8 +24,9 @@ SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.01
 # on the embedded teacher: prompt separation 0.88 with SD's schedule, 2.7 with this one.
 EMBEDDED_SCHEDULE = dict(SD15_SCHEDULE, rescale_betas_zero_snr=True, prediction_type="v_prediction",
                          timestep_spacing="trailing")
-DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+WORD_VECTOR_STD = 1.0  # the frozen text encoder's word vectors (CLIP initialises them at 0.02)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,7 @@ class Teacher:
         self.pipeline().save_pretrained(path, safe_serialization=True)
 
     def num_params(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in getattr(self, name).parameters())
-                for name in ("unet", "vae", "text_encoder")}
+        return {name: count_params(getattr(self, name)) for name in ("unet", "vae", "text_encoder")}
 
 
 def build_tokenizer(words: list[str], max_length: int):
@@ -91,22 +93,31 @@ def build_tokenizer(words: list[str], max_length: int):
 
     SD's tokenizer cannot be downloaded here; this one has the same class, special tokens and
     byte-level alphabet, so any text still tokenizes (unknown words fall back to characters).
+    BPE applies merges by rank, not word by word, so one word's early merge can split another word
+    ('a n' inside 'hands'); each word whose pieces stay apart gets merges of its own pieces appended
+    after all others, until every word is one token.
     """
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
+    words = sorted(set(words))
+    vocab = sorted(ByteLevel.alphabet())
+    vocab += [c + "</w>" for c in vocab]
     merges = []
-    for word in sorted(set(words)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:  # merge left to right: 'c a', 'ca t</w>'
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.append(pieces[0])
-    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(dict.fromkeys(merges)),
-                         model_max_length=max_length)
+    pieces = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+    for _ in range(16):  # each pass completes the words the previous merges left in pieces
+        for chain in pieces.values():
+            while len(chain) > 1:  # merge left to right: 'c a', 'ca t</w>'
+                merges.append((chain[0], chain[1]))
+                chain[:2] = [chain[0] + chain[1]]
+                vocab.append(chain[0])
+        tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(
+            vocab + ["<|startoftext|>", "<|endoftext|>"]))}, merges=list(dict.fromkeys(merges)),
+            model_max_length=max_length)
+        pieces = {w: got for w in words if len(got := tokenizer.tokenize(w)) > 1}
+        if not pieces:
+            return tokenizer
+    raise RuntimeError(f"could not make single tokens of {sorted(pieces)}")
 
 
 def build(spec: ScaleSpec, captions: list[str], seed: int) -> Teacher:
@@ -120,9 +131,16 @@ def build(spec: ScaleSpec, captions: list[str], seed: int) -> Teacher:
         num_hidden_layers=spec.text_layers, num_attention_heads=max(1, spec.text_dim // 16),
         max_position_embeddings=spec.text_len, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    # Frozen at CLIP's initialisation, word vectors (std 0.02) are no larger than position vectors, and
+    # every caption comes out nearly the same (cosine 0.88 between captions at the embedded scale):
+    # the U-Net then ignores its prompt. Unit-scale word vectors make captions that share few words
+    # distinct (cosine 0.53), and the prompt steers the samples within a few hundred steps.
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight.normal_(0.0, WORD_VECTOR_STD)
     unet = UNet2DConditionModel(
         sample_size=spec.latent_px, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=spec.unet_widths, down_block_types=DOWN_BLOCKS, up_block_types=UP_BLOCKS,
+        block_out_channels=spec.unet_widths, down_block_types=SD15_DOWN_BLOCKS,
+        up_block_types=SD15_UP_BLOCKS,
         cross_attention_dim=spec.text_dim, attention_head_dim=spec.heads,
         norm_num_groups=spec.norm_groups)
     vae = AutoencoderKL(
@@ -155,3 +173,8 @@ def load(path: str | Path) -> Teacher:
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
+
+
+def folder(root: str | Path, teacher: str) -> Path:
+    """Where a stage finds the teacher: the study's own (`data/teacher`) or the local SD-1.5 folder."""
+    return Path(root) / "data" / "teacher" if teacher == "embedded" else Path(teacher).expanduser()

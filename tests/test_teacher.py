@@ -4,12 +4,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nanosd_lib import data, teacher, training
+from nanosd_lib import baseline, data, photos, teacher, training
 
 
 def test_topology_is_sd15s(smoke_teacher):
     cfg = smoke_teacher.unet.config
-    assert cfg.down_block_types == teacher.DOWN_BLOCKS and cfg.up_block_types == teacher.UP_BLOCKS
+    assert cfg.down_block_types == baseline.SD15_DOWN_BLOCKS and cfg.up_block_types == baseline.SD15_UP_BLOCKS
     assert type(smoke_teacher.unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
     assert cfg.layers_per_block == 2
     assert len(smoke_teacher.vae.config.down_block_types) == 4  # factor 8
@@ -18,7 +18,7 @@ def test_topology_is_sd15s(smoke_teacher):
 
 def test_each_caption_word_is_one_token(smoke_teacher):
     tok = smoke_teacher.tokenizer
-    for caption in data.CAPTIONS.values():
+    for caption in photos.captions():
         ids = tok(caption).input_ids
         assert len(ids) == len(caption.split()) + 2, caption  # + start and end tokens
         assert len(ids) <= tok.model_max_length
@@ -54,16 +54,14 @@ def test_load_errors_name_the_problem(tmp_path):
 
 
 def _train_briefly(seed):
-    model = teacher.build(teacher.SPECS["smoke"], list(data.CAPTIONS.values()), seed)
+    model = teacher.build(teacher.SPECS["smoke"], photos.captions(), seed)
     gen = torch.Generator().manual_seed(seed)
     names = ["chelsea", "coffee"]
-    crops, labels = data.random_crops(names, 32, 64, gen)
+    pics = [data.to_tensor(photos.bundled(n)) for n in names]
+    crops, _ = data.random_crops(pics, 32, 32, gen)
     vae_log = training.train_vae(model, crops, 5, 8, 1e-3, 1e-6, gen)
-    mean, std = training.encode_latents(model, crops)
-    training.set_scaling_factor(model, mean)
-    states = model.encode_prompts([data.CAPTIONS[n] for n in names] + [""])
-    sched = training.DDPMScheduler.from_config(model.scheduler.config)
-    latents = training.LatentSet(mean, std, labels, states, model.vae.config.scaling_factor, sched, 0.1)
+    latents = training.latent_set(model, pics, [photos.CATALOGUE[n].caption for n in names], 32, gen, 0.1,
+                                  set_scale=True)
     batch = training.eval_batch(latents, 32, seed + 1)
     before = training.denoise_loss(model.unet, batch)
     unet_log = training.train_unet(model.unet, latents, 60, 8, 2e-3, gen)
@@ -92,3 +90,19 @@ def test_prompts_change_samples_from_the_same_noise(smoke_teacher):
 def test_nan_loss_names_the_step():
     with pytest.raises(FloatingPointError, match="unet: loss became nan at step 7"):
         training.check_finite(torch.tensor(float("nan")), "unet", 7)
+
+
+def test_the_batched_sampler_equals_the_pipeline(smoke_teacher):
+    """`training.generate` (used by the search and the evaluation) draws what the real pipeline draws
+    from the same starting noise."""
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (the pipeline below is the real one)
+
+    px = smoke_teacher.latent_px
+    noise = torch.randn(2, 4, px, px, generator=torch.Generator().manual_seed(3))
+    prompts = ["a tabby cat", "a pink flower"]
+    ours = training.generate(smoke_teacher, smoke_teacher.unet, smoke_teacher.encode_prompts(prompts), noise,
+                             3, 3.0)
+    pipe = smoke_teacher.pipeline()
+    theirs = pipe(prompts, height=8 * px, width=8 * px, num_inference_steps=3, guidance_scale=3.0,
+                  latents=noise.clone(), output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

