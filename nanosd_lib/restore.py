@@ -1,0 +1,166 @@
+"""One-step photo restoration in the OSEDiff manner, with any backbone of the study.
+
+The low-quality image goes through the VAE encoder; its latent is treated as the noisy latent at one
+fixed timestep; the U-Net predicts once, which gives a clean latent; the VAE decoder returns the image.
+No sampling loop, no noise: one U-Net evaluation per tile, the cost the seed's tiling numbers assume.
+
+Each backbone is fine-tuned the same number of steps on degraded crops of the train split (full
+fine-tuning of the U-Net; the VAE stays frozen, gradients flow through its decoder), with L2 plus the
+LPIPS-style MobileNetV2 distance. `restore(photo, ...)` then runs on a photo of any size, tile by tile.
+
+    from nanosd_lib import restore
+    out = restore.restore_photo(restorer, photo, tile=128, overlap=32)   # photo: [1, 3, H, W] in [0, 1]
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import degrade, tiling
+from .progress import bar
+from .quality import lpips_mnv2
+from .training import check_finite
+
+TASKS = ("sr_x4", "denoise")
+
+
+@dataclass(frozen=True)
+class FineTune:
+    steps: int  # optimizer steps, the same for every backbone
+    batch_size: int  # crops per step
+    crop_px: int  # HQ crop side (a multiple of 8 and of 4): convolutional, so small crops suffice
+    lr: float  # AdamW learning rate, cosine-decayed
+    perceptual_weight: float  # weight of lpips_mnv2 beside the L2 term
+    timestep: int  # the fixed timestep the LQ latent is read at
+
+
+class Restorer(nn.Module):
+    """VAE encoder -> U-Net once at `timestep` -> clean latent -> VAE decoder; images in [0, 1]."""
+
+    def __init__(self, vae, unet, scheduler_config, text: torch.Tensor, timestep: int):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.vae, self.unet = vae, unet
+        sched = DDPMScheduler.from_config(scheduler_config)
+        self.prediction = sched.config.prediction_type
+        alpha = sched.alphas_cumprod[timestep]
+        self.register_buffer("text", text)  # [1, L, D]: the empty prompt, restoration has no caption
+        self.register_buffer("t", torch.tensor([timestep]))
+        self.a, self.s = float(alpha.sqrt()), float((1 - alpha).sqrt())
+
+    def clean_latent(self, z: torch.Tensor) -> torch.Tensor:
+        pred = self.unet(z, self.t.expand(len(z)), encoder_hidden_states=self.text.expand(len(z), -1, -1)).sample
+        if self.prediction == "v_prediction":  # x0 = a z - s v
+            return self.a * z - self.s * pred
+        return (z - self.s * pred) / max(self.a, 1e-4)  # epsilon: x0 = (z - s eps) / a
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        scale = self.vae.config.scaling_factor
+        z = self.vae.encode(lq * 2 - 1).latent_dist.mean * scale
+        x = self.vae.decode(self.clean_latent(z) / scale).sample
+        return x.add(1).div(2)
+
+
+def make_lq(hq: torch.Tensor, task: str, generator: torch.Generator) -> torch.Tensor:
+    """The restorer's input for a [0, 1] HQ batch: x4 second-order degraded and bicubic upsampled back
+    to HQ size (OSEDiff's input), or noisy at sigma 25/255."""
+    if task == "sr_x4":
+        return degrade.bicubic_up(degrade.sr_x4(hq, generator), hq.shape[-2:])
+    if task == "denoise":
+        return degrade.denoise(hq, generator).clamp(0, 1)
+    raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
+
+
+def fine_tune(restorer: Restorer, crops: torch.Tensor, task: str, cfg: FineTune, net,
+              generator: torch.Generator) -> list[dict]:
+    """Train the U-Net of `restorer` on (degraded, clean) pairs of [0, 1] crops; logs both terms."""
+    restorer.vae.requires_grad_(False).eval()
+    unet = restorer.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    log, start = [], time.perf_counter()
+    for step in bar(range(cfg.steps), desc=f"fine-tune {task}"):
+        hq = crops[torch.randint(len(crops), (cfg.batch_size,), generator=generator)]
+        out = restorer(make_lq(hq, task, generator))
+        l2 = F.mse_loss(out, hq)
+        perceptual = lpips_mnv2(net, out.clamp(0, 1), hq).mean()
+        loss = l2 + cfg.perceptual_weight * perceptual
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        check_finite(loss, f"restoration fine-tuning ({task})", step)
+        log.append({"step": step, "l2": l2.item(), "lpips_mnv2": perceptual.item(),
+                    "seconds": time.perf_counter() - start})
+    unet.eval().requires_grad_(False)
+    return log
+
+
+@torch.no_grad()
+def restore_photo(restorer: Restorer, photo: torch.Tensor, tile: int, overlap: int, batch: int = 8) -> torch.Tensor:
+    """Restore a [1, 3, H, W] photo in [0, 1] of any size, tile by tile with feathered blending."""
+    return tiling.restore_tiled(photo, lambda x: restorer(x).clamp(0, 1), tile, overlap, batch=batch).clamp(0, 1)
+
+
+def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
+    """How many tiles a photo costs (a side shorter than a tile is padded to one)."""
+    from .baseline import tile_grid
+
+    return tile_grid(max(width, tile), max(height, tile), tile, overlap).count
+
+
+def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
+                 workdir) -> dict[str, float]:
+    """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime."""
+    from pathlib import Path
+
+    from .latency import median_ms, onnx_session
+
+    x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name in bar(names, desc="tile latency"):
+        run = onnx_session(restorers[task, name].eval(), (x,), Path(workdir) / f"{name}.onnx", threads)
+        out[name] = median_ms(run, runs)
+    return out
+
+
+def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: int) -> dict[str, dict]:
+    """Seconds per seed photo (4000x3000 in 512-px tiles) at SD-1.5 width: tiles x (one U-Net step +
+    the VAE's round trip). U-Nets are SD-1.5-width random-weight models timed here (torch eager); the
+    VAE times come from stage 06 (`vae_costs`); the seed's own device figure is cited beside them."""
+    from diffusers import UNet2DConditionModel
+
+    from . import student, surgery
+    from .baseline import SD15_UNET, tile_grid
+    from .latency import unet_forward_ms
+    from .space import Arch
+
+    grid = tile_grid(photo.image_width, photo.image_height, photo.tile_px, photo.overlap_px)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        teacher = UNet2DConditionModel(**SD15_UNET).eval()
+        unet_ms = {"teacher": unet_forward_ms(teacher, 64, 77, runs)}
+        del teacher
+        base = surgery.pruned_sd15().eval()
+        prime = student.from_base(base, Arch.parse(prime_id))[0]
+        del base
+        unet_ms["prime"] = unet_forward_ms(prime, 64, 77, runs)
+    if "sd15_torch" not in vae_costs:
+        raise KeyError("the slim VAE's costs.json has no SD-1.5-width timings: set slim_vae.sd15_timing "
+                       "to true and rerun slim_vae, or restore_photos.seed_photo to false")
+    vae_ms = {k: v["encode_ms"] + v["decode_ms"] for k, v in vae_costs["sd15_torch"].items()}
+    rows = {"teacher": (unet_ms["teacher"], vae_ms["teacher"]), "prime": (unet_ms["prime"], vae_ms["teacher"]),
+            "prime+slim_vae": (unet_ms["prime"], vae_ms["slim"])}
+    out = {k: {"tiles": grid.count, "unet_ms": u, "vae_ms": v, "image_s": grid.count * (u + v) / 1e3,
+               "source": f"host CPU, torch eager, {threads} threads, SD-1.5 width, random weights"}
+           for k, (u, v) in rows.items()}
+    out["seed (cited)"] = {"tiles": grid.count, "unet_ms": photo.device_tile_ms, "vae_ms": float("nan"),
+                           "image_s": grid.count * photo.device_tile_ms / 1e3,
+                           "source": "seed article: SD-1.5 int4 on the SM8750 NPU, U-Net only"}
+    return out
