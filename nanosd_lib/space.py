@@ -107,6 +107,11 @@ class Arch:
         return [(s, c) for s, c in zip(STAGES, self.choices) if c != 0]
 
 
+def option_names() -> list[str]:
+    """'E1/0' ... 'D1/7': one name per (stage, option), the keys of every latency table."""
+    return [f"{s}/{i}" for s in STAGES for i in range(len(options(s)))]
+
+
 def space_size() -> int:
     size = 1
     for stage in STAGES:
