@@ -16,8 +16,10 @@ def parameters_of(notebook: str) -> dict:
     return {k: v for k, v in namespace.items() if not k.startswith("__")}
 
 
-def test_train_teacher_loads_a_local_diffusers_folder(smoke_teacher, smoke_teacher_dir, tmp_path):
+def test_train_teacher_loads_a_local_diffusers_folder(smoke_teacher, smoke_teacher_dir, study_root, tmp_path):
     """`base.teacher` naming a folder (scale sd15) loads it instead of training: SD-1.5's path."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "photos").symlink_to(study_root / "data" / "photos")
     params = parameters_of("01_train_teacher.ipynb")
     params["base"] = {**params["base"], "scale": "sd15", "teacher": str(smoke_teacher_dir)}
     params["train_teacher"] = {**params["train_teacher"], "sample_steps": 2}
@@ -27,7 +29,8 @@ def test_train_teacher_loads_a_local_diffusers_folder(smoke_teacher, smoke_teach
                                kernel_name="python3", progress_bar=False)
     metrics = json.loads((tmp_path / "results" / "train_teacher" / "metrics.json").read_text())
     assert metrics["unet_params"] == sum(p.numel() for p in smoke_teacher.unet.parameters())
-    assert "unet_loss_initial" not in metrics  # nothing was trained
+    assert "unet_loss_ratio" not in metrics and "vae_scaling_factor" not in metrics  # nothing was trained
+    assert metrics["bicubic_x8_psnr_kodak"] == pytest.approx(24.0, abs=0.05)  # the issue's reference value
     assert metrics["provenance"]["scale"] == "sd15"
     source = json.loads((tmp_path / "data" / "teacher" / "source.json").read_text())
     assert source["teacher"] == str(smoke_teacher_dir)
@@ -37,7 +40,7 @@ def test_a_bad_parameters_cell_fails_before_any_output(tmp_path):
     params = parameters_of("00_measure_baseline_cost.ipynb")
     params["measure_baseline_cost"] = {**params["measure_baseline_cost"], "timing_runs": 0}
     params["output_root"] = str(tmp_path)
-    with pytest.raises(papermill.PapermillExecutionError, match="timing_runs: must be positive"):
+    with pytest.raises(papermill.PapermillExecutionError, match="timing_runs: must be >= 1, got 0"):
         papermill.execute_notebook(str(ROOT / "notebooks" / "00_measure_baseline_cost.ipynb"),
                                    str(tmp_path / "out.ipynb"), parameters=params, cwd=str(ROOT),
                                    kernel_name="python3", progress_bar=False)
