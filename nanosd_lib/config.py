@@ -74,6 +74,8 @@ class TrainTeacher(Section):
     unet_lr: float = _f("AdamW peak learning rate for the U-Net (one-cycle)", gt=0)
     kl_weight: float = _f("weight of the VAE's KL term, as in SD's autoencoder", ge=0)
     perceptual_weight: float = _f("weight of the lpips_mnv2 term in the VAE loss", ge=0)
+    perceptual_every: int = _f("the lpips_mnv2 term is added on every n-th VAE step (it doubles a step)",
+                               ge=1)
     uncond_prob: float = _f("prompt dropout, so that classifier-free guidance works", ge=0, le=1)
     min_snr_gamma: float = _f("Min-SNR loss weighting's gamma (0: plain MSE)", ge=0)
     high_noise_share: float = _f("share of each batch drawn from the noisiest 40 % of timesteps", ge=0, le=1)

@@ -24,9 +24,11 @@ LOGVAR_INIT = -8.0  # start the posterior nearly deterministic (std e^-4): a fre
 
 def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int, lr: float,
               kl_weight: float, generator: torch.Generator, net=None, perceptual_weight: float = 0.0,
-              eval_images: torch.Tensor | None = None, evals: int = 8) -> list[dict]:
+              perceptual_every: int = 1, eval_images: torch.Tensor | None = None,
+              evals: int = 8) -> list[dict]:
     """L1 reconstruction + KL + lpips_mnv2 on feature network `net` (SD's autoencoder recipe without
-    its GAN). With `eval_images`, quality on them is logged `evals` times, so it reads against time.
+    its GAN). The perceptual term, which doubles a step's cost, is added on every `perceptual_every`-th
+    step. With `eval_images`, quality on them is logged `evals` times, so it reads against time.
     """
     vae = teacher.vae.train()
     with torch.no_grad():  # conv_out emits (mean, logvar): start the logvar half at LOGVAR_INIT
@@ -45,7 +47,7 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
         kl = posterior.kl().mean()
         loss = l1 + kl_weight * kl
         row = {"step": step, "l1": l1.item(), "kl": kl.item()}
-        if net is not None and perceptual_weight > 0:
+        if net is not None and perceptual_weight > 0 and step % perceptual_every == 0:
             p = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
             loss = loss + perceptual_weight * p
             row["perceptual"] = p.item()
