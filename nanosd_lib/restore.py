@@ -70,10 +70,18 @@ def make_lq(hq: torch.Tensor, task: str, generator: torch.Generator) -> torch.Te
     """The restorer's input for a [0, 1] HQ batch: x4 second-order degraded and bicubic upsampled back
     to HQ size (OSEDiff's input), or noisy at sigma 25/255."""
     if task == "sr_x4":
-        return degrade.bicubic_up(degrade.sr_x4(hq, generator), hq.shape[-2:])
+        return sr_views(hq, generator)[1]
     if task == "denoise":
         return degrade.denoise(hq, generator).clamp(0, 1)
     raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
+
+
+def sr_views(hq: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x4 LQ image shown at HQ size with nearest pixels (what the camera gave), and its bicubic
+    upsampling (the restorer's input and the bicubic reference), from one draw of `generator`."""
+    small = degrade.sr_x4(hq, generator)
+    size = hq.shape[-2:]
+    return F.interpolate(small, size=size, mode="nearest"), degrade.bicubic_up(small, size)
 
 
 def fine_tune(restorer: Restorer, crops: torch.Tensor, task: str, cfg: FineTune, net,
