@@ -33,7 +33,8 @@ def score(net, images: torch.Tensor, teacher_images: torch.Tensor, teacher_feats
     feats = quality.pooled_features(net, images)
     paired = quality.paired(net, images, teacher_images)
     p = int(prompt_index.max()) + 1
-    per_prompt = torch.stack([images[prompt_index == i][: int((prompt_index == 0).sum())] for i in range(p)])
+    each = min(int((prompt_index == i).sum()) for i in range(p))  # N need not divide by the prompts
+    per_prompt = torch.stack([images[prompt_index == i][:each] for i in range(p)])
     caption = quality.caption_accuracy(net, per_prompt, reference, reference_labels)
     return {"taFD[mnv2]": quality.frechet(feats, teacher_feats),
             "taKD[mnv2]": quality.kernel(feats, teacher_feats, seed=seed),

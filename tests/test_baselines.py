@@ -171,3 +171,19 @@ def test_step_reduced():
     with pytest.raises(ValueError, match="teacher_steps >= 1"):
         baselines.step_reduced(0, 1.0, 1.0)
     assert [b.name for b in baselines.BASELINES] == ["bk_tiny", "uniform", "step_reduced"]
+
+
+def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_root):
+    """256 images over 36 prompts leaves some prompts 7 and others 8: caption accuracy must use 7 each."""
+    from nanosd_lib import evaluate, quality
+
+    net = quality.feature_net(study_root)
+    g = torch.Generator().manual_seed(0)
+    index = torch.arange(11) % 3  # prompts 0 and 1 have 4 images, prompt 2 has 3
+    images = torch.rand(11, 3, 32, 32, generator=g)
+    reference, labels = torch.rand(6, 3, 32, 32, generator=g), torch.arange(6) % 3
+    teacher_images = torch.rand(11, 3, 32, 32, generator=g)
+    row = evaluate.score(net, images, teacher_images, quality.pooled_features(net, teacher_images), index,
+                         reference, labels, seed=0)
+    assert 0.0 <= row["caption_accuracy_mnv2"] <= 1.0
+    assert row["psnr_vs_teacher"] < 20  # different images paired: a real, finite distance
