@@ -7,13 +7,7 @@ from nanosd_lib import baselines, data, distill, space, student, surgery, traini
 from nanosd_lib.baseline import SD15_UNET, count_params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are small; one thread keeps them from crowding other jobs on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ SEEDS = (0, 1, 2)
 CONFIG = search.SearchConfig(budget=24, n_init=6, q=3)  # 6 random, then 6 rounds of 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counted:
