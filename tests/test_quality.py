@@ -66,6 +66,22 @@ def test_every_distance_rises_with_the_strength_of_a_degradation(net, kodak, kin
         assert values[0] < values[1] < values[2], (kind, key, values)
 
 
+def test_frechet_is_clean_fids_and_exact_when_the_covariances_are_singular():
+    from cleanfid import fid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 12)), 0.5 + 2.0 * rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))
+    assert quality.frechet(a, b) == pytest.approx(fid.fid_from_feats(a, b), rel=1e-9)  # n > d: well conditioned
+    a, b = rng.normal(size=(6, 40)), rng.normal(size=(9, 40)) + 1.0  # n < d: both covariances singular
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = np.linalg.eigvals(sa @ sb).real.clip(0).__pow__(0.5).sum()  # tr sqrt, from the eigenvalues
+    exact = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross
+    assert quality.frechet(a, b) == pytest.approx(exact, rel=1e-6)
+    assert quality.frechet(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match=r"two \[n >= 2, d\] feature sets of one width"):
+        quality.frechet(a, b[:, :10])
+
+
 def test_fd_between_halves_of_real_crops_is_below_fd_to_blurred_copies(net, kodak):
     a, b = kodak[0::2], kodak[1::2]
     fa = quality.pooled_features(net, a)
