@@ -207,6 +207,13 @@ def kd_train(student, teacher_unet, data: LatentSet, steps: int, batch_size: int
                         pairs=kd_pairs(student))
 
 
+def kd_train_together(students: dict, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
+                      weights: distill.HealWeights, generator: torch.Generator) -> dict[str, list[dict]]:
+    """`kd_train` for {name: student} in lockstep: the same batches, one teacher forward a step."""
+    return distill.heal_together({n: (m, kd_pairs(m)) for n, m in students.items()}, teacher_unet, data,
+                                 steps, batch_size, lr, weights, generator, desc="baseline KD")
+
+
 # ---------------------------------------------------------------- fewer steps
 
 def step_reduced(teacher_steps: int, teacher_ms: float, target_ms: float) -> int:

@@ -1,4 +1,6 @@
 """The baselines on a smoke-scale teacher: real tiny models, real photos, a few dozen KD steps."""
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -154,6 +156,21 @@ def test_kd_train_uniform_uses_task_and_output_only(smoke_teacher, latents):
     with pytest.raises(ValueError, match=r"feature pair E1: student down_blocks.0 gives \(4, 4, 4, 4\)"):
         distill.heal(model, smoke_teacher.unet, latents, 1, 4, 1e-3, baselines.BK_SDM_WEIGHTS,
                      torch.Generator().manual_seed(0), pairs=distill.FEATURE_PAIRS)
+
+
+def test_kd_together_is_kd_one_at_a_time_on_the_same_batches(smoke_teacher, latents):
+    """Lockstep training shares batches and the teacher's forward, and changes nothing else."""
+    bk, _ = baselines.bk_tiny(smoke_teacher.unet)
+    uniform, _ = baselines.uniform(dict(smoke_teacher.unet.config), 97_444)
+    alone = {name: baselines.kd_train(copy.deepcopy(m), smoke_teacher.unet, latents, 4, 4, 1e-3,
+                                      baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(3))
+             for name, m in (("bk_tiny", bk), ("uniform", uniform))}
+    together = baselines.kd_train_together({"bk_tiny": bk, "uniform": uniform}, smoke_teacher.unet, latents, 4, 4,
+                                           1e-3, baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(3))
+    for name in alone:
+        for a, b in zip(alone[name], together[name], strict=True):
+            assert a == pytest.approx(b, rel=1e-5), name
+    assert together["bk_tiny"][0]["total"] != together["uniform"][0]["total"]
 
 
 def test_step_reduced():
