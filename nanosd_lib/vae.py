@@ -327,10 +327,13 @@ def load(folder: str | Path) -> AutoencoderKL:
 
 
 def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: AutoencoderKL, sd_slim: AutoencoderKL,
-          latent_px: int, threads: int, runs: int, workdir: str | Path, sd15: bool = True) -> dict:
+          latent_px: int, threads: int, runs: int, workdir: str | Path, sd15: bool = True,
+          sd15_runs: int | None = None) -> dict:
     """Decode (and, at SD-1.5 width, encode) latency of teacher and slim VAE, median of `runs`:
     at the study's tile on torch and ONNX Runtime; with `sd15`, at the SD tile (64x64 latents, 512 px)
-    with random weights, decode on both backends and encode on torch (restoration encodes every tile)."""
+    with random weights, decode on both backends and encode on torch (restoration encodes every tile),
+    median of `sd15_runs` (default `runs`): SD-1.5's decoder takes seconds a call on 2 threads."""
+    sd15_runs = runs if sd15_runs is None else sd15_runs
     out = {}
     for backend in ("torch", "onnxruntime"):
         out[f"embedded_{backend}"] = {k: {"decode_ms": decode_latency(v, latent_px, backend, threads, runs, workdir,
@@ -341,10 +344,11 @@ def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: Autoencod
             real = AutoencoderKL(**{k: x for k, x in v.config.items() if not k.startswith("_")}).eval()
             for backend in ("torch", "onnxruntime"):
                 row = out.setdefault(f"sd15_{backend}", {}).setdefault(key, {})
-                row["decode_ms"] = decode_latency(real, 64, backend, threads, runs, workdir, f"sd15_{key}_{backend}")
-            out["sd15_torch"][key]["encode_ms"] = encode_latency(real, 512, "torch", threads, runs, workdir,
+                row["decode_ms"] = decode_latency(real, 64, backend, threads, sd15_runs, workdir,
+                                                  f"sd15_{key}_{backend}")
+            out["sd15_torch"][key]["encode_ms"] = encode_latency(real, 512, "torch", threads, sd15_runs, workdir,
                                                                  f"sd15_{key}_enc")
             del real
-    out["provenance"] = {"threads": threads, "runs": runs, "batch": 1,
+    out["provenance"] = {"threads": threads, "runs": runs, "batch": 1, **({"sd15_runs": sd15_runs} if sd15 else {}),
                          "tiles": f"{latent_px}x{latent_px} latent (study), 64x64 latent / 512 px (SD-1.5)"}
     return out
