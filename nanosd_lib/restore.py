@@ -6,15 +6,19 @@ No sampling loop, no noise: one U-Net evaluation per tile, the cost the seed's t
 
 Each backbone is fine-tuned the same number of steps on degraded crops of the train split (full
 fine-tuning of the U-Net; the VAE stays frozen, gradients flow through its decoder), with L2 plus the
-LPIPS-style MobileNetV2 distance. `restore(photo, ...)` then runs on a photo of any size, tile by tile.
+LPIPS-style MobileNetV2 distance. `restore_photo` then runs on a photo of any size, tile by tile.
+Stage 08 saves the fine-tuned restorers under data/restorers/TASK/BACKBONE; one call restores a file:
 
-    from nanosd_lib import restore
-    out = restore.restore_photo(restorer, photo, tile=128, overlap=32)   # photo: [1, 3, H, W] in [0, 1]
+    python -m nanosd_lib.restore photo.jpg restored.png --restorer data/restorers/sr_x4/prime
+
+or, in Python, `restore.restore_file(folder, "photo.jpg", "restored.png")`, or
+`restore.restore_photo(restorer, photo, tile=128, overlap=32)` on a [1, 3, H, W] tensor in [0, 1].
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +50,8 @@ class Restorer(nn.Module):
         from diffusers import DDPMScheduler
 
         self.vae, self.unet = vae, unet
-        sched = DDPMScheduler.from_config(scheduler_config)
+        self.scheduler_config = {k: v for k, v in dict(scheduler_config).items()}
+        sched = DDPMScheduler.from_config(self.scheduler_config)
         self.prediction = sched.config.prediction_type
         alpha = sched.alphas_cumprod[timestep]
         self.register_buffer("text", text)  # [1, L, D]: the empty prompt, restoration has no caption
@@ -172,3 +177,89 @@ def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: i
                            "image_s": grid.count * photo.device_tile_ms / 1e3,
                            "source": "seed article: SD-1.5 int4 on the SM8750 NPU, U-Net only"}
     return out
+
+
+# --- A fine-tuned restorer on disk, and a photo file in, a photo file out ---------------------------
+
+
+def save(restorer: Restorer, folder: str | Path, task: str, tile: int, overlap: int) -> Path:
+    """Write `restorer` as diffusers folders (vae/, unet/), its empty-prompt embedding and restorer.json
+    (task, timestep, scheduler, and the tile and overlap it was evaluated with), so `load` rebuilds it."""
+    from safetensors.torch import save_file
+
+    from .outputs import write_json
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    restorer.vae.save_pretrained(folder / "vae")
+    restorer.unet.save_pretrained(folder / "unet")
+    save_file({"text": restorer.text.contiguous()}, str(folder / "text.safetensors"))
+    write_json(folder / "restorer.json", {"task": task, "timestep": int(restorer.t.item()), "tile_px": tile,
+                                          "overlap_px": overlap, "scheduler": restorer.scheduler_config})
+    return folder
+
+
+def load(folder: str | Path) -> tuple[Restorer, dict]:
+    """A restorer that stage 08 saved (`data/restorers/TASK/BACKBONE`): (restorer, its restorer.json)."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from .student import load_any
+
+    folder = Path(folder)
+    if not (folder / "restorer.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no restorer.json: run the restore_photos stage, or pass a "
+                                "folder under data/restorers/")
+    meta = json.loads((folder / "restorer.json").read_text())
+    restorer = Restorer(AutoencoderKL.from_pretrained(folder / "vae").eval(), load_any(folder / "unet"),
+                        meta["scheduler"], load_file(str(folder / "text.safetensors"))["text"], meta["timestep"])
+    return restorer.eval(), meta
+
+
+@torch.no_grad()
+def restore_file(folder: str | Path, source: str | Path, target: str | Path, tile: int | None = None,
+                 overlap: int | None = None) -> torch.Tensor:
+    """Restore the photo file `source` (any size) into `target` (PNG) with the restorer in `folder`.
+
+    For x4 super-resolution `source` is the low-resolution photo: it is upsampled x4 (bicubic) first,
+    as in training, so `target` is 4 times its size. Tile and overlap default to the restorer's own.
+    Returns the restored [1, 3, H, W] image in [0, 1]."""
+    from torchvision.io import ImageReadMode, decode_image, write_png
+
+    restorer, meta = load(folder)
+    photo = decode_image(str(source), mode=ImageReadMode.RGB).float().div(255).unsqueeze(0)
+    if meta["task"] == "sr_x4":
+        photo = degrade.bicubic_up(photo, (4 * photo.shape[-2], 4 * photo.shape[-1]))
+    out = restore_photo(restorer, photo, tile or meta["tile_px"], overlap if overlap is not None else
+                        meta["overlap_px"])
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_png(out[0].mul(255).round().to(torch.uint8), str(target))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nanosd_lib.restore",
+                                     description="Restore one photo of any size, tile by tile.")
+    parser.add_argument("source", help="the photo to restore (for sr_x4: the low-resolution one)")
+    parser.add_argument("target", help="where the restored PNG goes")
+    parser.add_argument("--restorer", default="data/restorers/sr_x4/prime",
+                        help="a folder that the restore_photos stage wrote (default: %(default)s)")
+    parser.add_argument("--tile", type=int, help="tile side in pixels (default: the restorer's)")
+    parser.add_argument("--overlap", type=int, help="tile overlap in pixels (default: the restorer's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = restore_file(args.restorer, args.source, args.target, args.tile, args.overlap)
+    print(f"{args.target}: {out.shape[-1]}x{out.shape[-2]} in {time.perf_counter() - t0:.1f} s "
+          f"({args.restorer}, {args.threads} threads)")
+
+
+if __name__ == "__main__":
+    main()
