@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# BoTorch compiles a small C++ kernel for qLogNEHVI on first use (about 30 s): keep it with this venv,
+# so that two checkouts with their own venvs do not rebuild each other's copy.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup repro test unit nbval check-reports clean-nbval refresh-notebooks
 

@@ -64,7 +64,7 @@ def _train_briefly(seed):
                                   set_scale=True)
     batch = training.eval_batch(latents, 32, seed + 1)
     before = training.denoise_loss(model.unet, batch)
-    unet_log = training.train_unet(model.unet, latents, 60, 8, 2e-3, gen)
+    unet_log = training.train_unet(model.unet, latents, 30, 8, 3e-3, gen)
     unet_log.append({"before": before, "after": training.denoise_loss(model.unet, batch)})
     return model, vae_log, unet_log
 
