@@ -185,9 +185,9 @@ def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: i
 def save(restorer: Restorer, folder: str | Path, task: str, tile: int, overlap: int) -> Path:
     """Write `restorer` as diffusers folders (vae/, unet/), its empty-prompt embedding and restorer.json
     (task, timestep, scheduler, and the tile and overlap it was evaluated with), so `load` rebuilds it."""
-    from safetensors.torch import save_file
+    import json
 
-    from .outputs import write_json
+    from safetensors.torch import save_file
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
@@ -196,8 +196,9 @@ def save(restorer: Restorer, folder: str | Path, task: str, tile: int, overlap: 
     restorer.vae.save_pretrained(folder / "vae")
     restorer.unet.save_pretrained(folder / "unet")
     save_file({"text": restorer.text.contiguous()}, str(folder / "text.safetensors"))
-    write_json(folder / "restorer.json", {"task": task, "timestep": int(restorer.t.item()), "tile_px": tile,
-                                          "overlap_px": overlap, "scheduler": restorer.scheduler_config})
+    meta = {"task": task, "timestep": int(restorer.t.item()), "tile_px": tile, "overlap_px": overlap,
+            "scheduler": restorer.scheduler_config}
+    (folder / "restorer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # floats exact
     return folder
 
 
@@ -229,9 +230,11 @@ def restore_file(folder: str | Path, source: str | Path, target: str | Path, til
     as in training, so `target` is 4 times its size. Tile and overlap default to the restorer's own.
     Returns the restored [1, 3, H, W] image in [0, 1]."""
     from torchvision.io import ImageReadMode, decode_image, write_png
+    from torchvision.transforms.v2.functional import to_dtype
 
     restorer, meta = load(folder)
-    photo = decode_image(str(source), mode=ImageReadMode.RGB).float().div(255).unsqueeze(0)
+    photo = decode_image(str(source), mode=ImageReadMode.RGB, apply_exif_orientation=True)  # uint8 or uint16
+    photo = to_dtype(photo, torch.float32, scale=True).unsqueeze(0)
     if meta["task"] == "sr_x4":
         photo = degrade.bicubic_up(photo, (4 * photo.shape[-2], 4 * photo.shape[-1]))
     out = restore_photo(restorer, photo, tile or meta["tile_px"], overlap if overlap is not None else
@@ -254,9 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overlap", type=int, help="tile overlap in pixels (default: the restorer's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    from .latency import torch_threads
+
     t0 = time.perf_counter()
-    out = restore_file(args.restorer, args.source, args.target, args.tile, args.overlap)
+    with torch_threads(args.threads):
+        out = restore_file(args.restorer, args.source, args.target, args.tile, args.overlap)
     print(f"{args.target}: {out.shape[-1]}x{out.shape[-2]} in {time.perf_counter() - t0:.1f} s "
           f"({args.restorer}, {args.threads} threads)")
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .baseline import SD15_VAE, count_params
 from .data import to_unit
-from .latency import time_callable
+from .latency import host_call, median_ms, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
 from .training import check_finite, one_cycle, vae_quality
@@ -235,7 +235,7 @@ class _Decode(nn.Module):
 
 
 def decode_latency(vae: AutoencoderKL, latent_px: int, backend: str, threads: int, runs: int,
-                   workdir: str | Path, name: str = "vae_decode") -> float:
+                   workdir: str | Path, name: str = "vae_decode", warmup: int | None = None) -> float:
     """Median ms of one tile's decode (batch 1, `latent_px` latents) on 'torch' or 'onnxruntime'.
 
     A meta-device VAE (`sd15_pair`) is first rebuilt from its config with random weights: timing needs
@@ -246,7 +246,16 @@ def decode_latency(vae: AutoencoderKL, latent_px: int, backend: str, threads: in
     z = torch.randn(1, vae.config.latent_channels, latent_px, latent_px,
                     generator=torch.Generator().manual_seed(0))
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return time_callable(backend, _Decode(vae.eval()), (z,), runs, threads, Path(workdir), name)
+    return _time(backend, _Decode(vae.eval()), (z,), runs, threads, Path(workdir), name, warmup)
+
+
+def _time(backend: str, module: nn.Module, args: tuple, runs: int, threads: int, workdir: Path, name: str,
+          warmup: int | None) -> float:
+    """`time_callable`, or with an explicit number of warm-up calls (SD-1.5 width: seconds each)."""
+    if warmup is None:
+        return time_callable(backend, module, args, runs, threads, workdir, name)
+    with torch_threads(threads):
+        return median_ms(host_call(backend, module, args, threads, workdir, name), runs, warmup)
 
 
 def tile_share(unet_ms: float, decode_ms: float) -> float:
@@ -312,13 +321,13 @@ class _Encode(nn.Module):
 
 
 def encode_latency(vae: AutoencoderKL, image_px: int, backend: str, threads: int, runs: int,
-                   workdir: str | Path, name: str = "vae_encode") -> float:
+                   workdir: str | Path, name: str = "vae_encode", warmup: int | None = None) -> float:
     """Median ms of one tile's encode (batch 1, `image_px` images): restoration encodes every tile."""
     if any(p.is_meta for p in vae.parameters()):
         vae = AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
     x = torch.rand(1, 3, image_px, image_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return time_callable(backend, _Encode(vae.eval()), (x,), runs, threads, Path(workdir), name)
+    return _time(backend, _Encode(vae.eval()), (x,), runs, threads, Path(workdir), name, warmup)
 
 
 def load(folder: str | Path) -> AutoencoderKL:
@@ -332,7 +341,8 @@ def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: Autoencod
     """Decode (and, at SD-1.5 width, encode) latency of teacher and slim VAE, median of `runs`:
     at the study's tile on torch and ONNX Runtime; with `sd15`, at the SD tile (64x64 latents, 512 px)
     with random weights, decode on both backends and encode on torch (restoration encodes every tile),
-    median of `sd15_runs` (default `runs`): SD-1.5's decoder takes seconds a call on 2 threads."""
+    median of `sd15_runs` (default `runs`) after one warm-up call: SD-1.5's decoder takes seconds a call
+    on 2 threads."""
     sd15_runs = runs if sd15_runs is None else sd15_runs
     out = {}
     for backend in ("torch", "onnxruntime"):
@@ -345,9 +355,9 @@ def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: Autoencod
             for backend in ("torch", "onnxruntime"):
                 row = out.setdefault(f"sd15_{backend}", {}).setdefault(key, {})
                 row["decode_ms"] = decode_latency(real, 64, backend, threads, sd15_runs, workdir,
-                                                  f"sd15_{key}_{backend}")
+                                                  f"sd15_{key}_{backend}", warmup=1)
             out["sd15_torch"][key]["encode_ms"] = encode_latency(real, 512, "torch", threads, sd15_runs, workdir,
-                                                                 f"sd15_{key}_enc")
+                                                                 f"sd15_{key}_enc", warmup=1)
             del real
     out["provenance"] = {"threads": threads, "runs": runs, "batch": 1, **({"sd15_runs": sd15_runs} if sd15 else {}),
                          "tiles": f"{latent_px}x{latent_px} latent (study), 64x64 latent / 512 px (SD-1.5)"}

@@ -183,6 +183,19 @@ def test_decode_latency_on_both_backends(smoke_teacher, backend, tmp_path):
     assert vae.tile_share(unet_ms=3.0, decode_ms=1.0) == pytest.approx(0.25)
 
 
+def test_sd15_style_timing_makes_exactly_the_warm_up_and_runs_asked_for(smoke_teacher, tmp_path):
+    calls = []
+    hook = smoke_teacher.vae.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        vae.decode_latency(smoke_teacher.vae, 8, "torch", threads=1, runs=2, workdir=tmp_path, warmup=1)
+        assert len(calls) == 3  # 1 warm-up + 2 timed
+        calls.clear()
+        vae.decode_latency(smoke_teacher.vae, 8, "torch", threads=1, runs=2, workdir=tmp_path)
+        assert len(calls) == 4  # time_callable's default: 2 warm-ups
+    finally:
+        hook.remove()
+
+
 def test_the_choice_table(smoke_teacher, crops, tmp_path):
     frame, slims = vae.measure_options(
         smoke_teacher.vae, crops[:-4], crops[-4:], steps=2, batch_size=4, lr=1e-3,
