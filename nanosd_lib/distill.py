@@ -217,9 +217,7 @@ def distill_module(stage: str, option: int, base, records: dict, job: ModuleJob,
 
 def _init_module(base, stage: str, option: int):
     """The student module as `from_base` would initialise it inside a candidate."""
-    arch = Arch(tuple(option if s == stage else 0 for s in STAGES))
-    cand, _ = student.from_base(base, arch)
-    return cand.stages[stage]
+    return student.stage_from_base(base, stage, option)
 
 
 def distill_all(base, records: dict, job: ModuleJob, out_dir: Path, rank: int = 0,

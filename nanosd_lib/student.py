@@ -7,6 +7,7 @@ safetensors, and it drops into `StableDiffusionPipeline` as `unet`. Its config i
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -123,8 +124,6 @@ def option_params(cfg: dict) -> dict:
     A candidate's size is then fixed + the sum of its options (checked against full builds in tests),
     which makes counting all 32,768 architectures a table lookup.
     """
-    import copy
-
     from .space import options
 
     with torch.device("meta"):
@@ -163,19 +162,37 @@ def from_base(base: UNet2DConditionModel, arch: Arch) -> tuple[NanoUNet, list[st
             getattr(student, name).load_state_dict(getattr(base, name).state_dict())
             log.append(f"{name} <- base.{name}")
     for stage in STAGES:
-        src_name = surgery.BASE_MODULES[stage]
-        src, dst = base.get_submodule(src_name), student.stages[stage]
-        for kind in ("resnets", "attentions", "downsamplers" if stage in ENCODERS else "upsamplers"):
-            for j, (s, d) in enumerate(zip(getattr(src, kind, None) or [], getattr(dst, kind))):
-                where = f"stages.{stage}.{kind}.{j} <- base.{src_name}.{kind}.{j}"
-                if isinstance(d, nn.Identity):
-                    log.append(f"stages.{stage}.{kind}.{j}: removed (base.{src_name}.{kind}.{j})")
-                elif isinstance(d, (SlimResnet, LiteTransformer)):
-                    log.append(f"{where}: " + "; ".join(d.init_from(s)))
-                else:
-                    d.load_state_dict(s.state_dict())
-                    log.append(where)
+        log += _copy_stage(base, stage, student.stages[stage])
     return student.eval(), log
+
+
+@torch.no_grad()
+def stage_from_base(base: UNet2DConditionModel, stage: str, option: int) -> nn.Module:
+    """One stage of a candidate, initialised exactly as `from_base` initialises it inside the candidate,
+    without building the other five stages (module distillation needs 30 of these)."""
+    with torch.device("meta"):
+        block = copy.deepcopy(base.get_submodule(surgery.BASE_MODULES[stage])).to("meta")
+        stage_module = build_stage(stage, option, block, student_config(base))
+    stage_module = stage_module.to_empty(device=base.device).to(base.dtype)
+    _copy_stage(base, stage, stage_module)
+    return stage_module.eval()
+
+
+def _copy_stage(base: UNet2DConditionModel, stage: str, dst: nn.Module) -> list[str]:
+    """Fill every layer of `dst` (one stage) from the base's block; returns one log line per layer."""
+    src_name = surgery.BASE_MODULES[stage]
+    src, log = base.get_submodule(src_name), []
+    for kind in ("resnets", "attentions", "downsamplers" if stage in ENCODERS else "upsamplers"):
+        for j, (s, d) in enumerate(zip(getattr(src, kind, None) or [], getattr(dst, kind))):
+            where = f"stages.{stage}.{kind}.{j} <- base.{src_name}.{kind}.{j}"
+            if isinstance(d, nn.Identity):
+                log.append(f"stages.{stage}.{kind}.{j}: removed (base.{src_name}.{kind}.{j})")
+            elif isinstance(d, (SlimResnet, LiteTransformer)):
+                log.append(f"{where}: " + "; ".join(d.init_from(s)))
+            else:
+                d.load_state_dict(s.state_dict())
+                log.append(where)
+    return log
 
 
 def load_any(path: str | Path):

@@ -91,9 +91,7 @@ def test_shapes_propagate_for_all_32768(base):
         enc_in = {"E1": h0}
         for stage in space.ENCODERS:  # encoder signatures: input shape -> (output, skip shapes)
             for i in range(len(space.options(stage))):
-                nano, _ = student.from_base(base, space.Arch(tuple(
-                    i if s == stage else 0 for s in space.STAGES)))
-                h, skips = nano.stages[stage](enc_in[stage], temb, text[:1])
+                h, skips = student.stage_from_base(base, stage, i)(enc_in[stage], temb, text[:1])
                 sig[stage, i] = (tuple(enc_in[stage].shape), tuple(h.shape),
                                  tuple(tuple(s.shape) for s in skips))
             nxt = space.ENCODERS.index(stage) + 1
@@ -105,10 +103,8 @@ def test_shapes_propagate_for_all_32768(base):
             consumed, pool = pool[-3:], pool[:-3]
             size = pool[-1][-2:] if pool else None
             for i in range(len(space.options(stage))):
-                nano, _ = student.from_base(base, space.Arch(tuple(
-                    i if s == stage else 0 for s in space.STAGES)))
-                out = nano.stages[stage](torch.zeros(dec_in), [torch.zeros(s) for s in consumed],
-                                         temb, text[:1], upsample_size=size)
+                out = student.stage_from_base(base, stage, i)(
+                    torch.zeros(dec_in), [torch.zeros(s) for s in consumed], temb, text[:1], upsample_size=size)
                 sig[stage, i] = (dec_in, tuple(out.shape), tuple(consumed))
             dec_in = sig[stage, 0][1]
     ok = 0
@@ -127,6 +123,17 @@ def test_shapes_propagate_for_all_32768(base):
         assert h == tuple(h0.shape) and not skips
         ok += 1
     assert ok == 32_768
+
+
+def test_a_stage_alone_is_initialised_as_inside_its_candidate(base):
+    """Module distillation builds each stage alone; its weights must be the candidate's, option by option."""
+    for i in range(8):  # encoders have 4 options and decoders 8: each option of every stage once
+        arch = space.Arch(tuple(min(i, len(space.options(s)) - 1) for s in space.STAGES))
+        nano, _ = student.from_base(base, arch)
+        for stage, option in zip(space.STAGES, arch.choices):
+            alone, inside = student.stage_from_base(base, stage, option).state_dict(), nano.stages[stage].state_dict()
+            assert alone.keys() == inside.keys(), (arch.id, stage)
+            assert all(torch.equal(alone[k], inside[k]) for k in alone), (arch.id, stage)
 
 
 def test_random_candidates_run_forward(base):
