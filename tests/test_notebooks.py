@@ -22,7 +22,7 @@ def test_train_teacher_loads_a_local_diffusers_folder(smoke_teacher, smoke_teach
     (tmp_path / "data" / "photos").symlink_to(study_root / "data" / "photos")
     params = parameters_of("01_train_teacher.ipynb")
     params["base"] = {**params["base"], "scale": "sd15", "teacher": str(smoke_teacher_dir)}
-    params["train_teacher"] = {**params["train_teacher"], "sample_steps": 2}
+    params["train_teacher"] = {**params["train_teacher"], "sample_steps": 1, "samples_per_prompt": 1, "crops": 16}
     params["output_root"] = str(tmp_path)
     papermill.execute_notebook(str(ROOT / "notebooks" / "01_train_teacher.ipynb"),
                                str(tmp_path / "out.ipynb"), parameters=params, cwd=str(ROOT),
