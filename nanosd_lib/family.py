@@ -154,6 +154,37 @@ def save_member(base, arch: Arch, students_dir: Path, folder: Path) -> Path:
     return replace_dir(tmp, folder)
 
 
+
+def same_as(unets: dict) -> dict[str, str]:
+    """{name: the first name holding the same model}. The search may pick one architecture for several
+    members; they are then one model (same modules, same weights), and measuring it once per name only
+    repeats work. Same means the same architecture id and equal weights; the teacher and the baselines
+    (no id) stand for themselves."""
+    first, out = {}, {}
+    for name, unet in unets.items():
+        arch = unet.config.get("arch")
+        rep = first.get(arch) if arch is not None else None
+        if rep is not None and _same_weights(unets[rep], unet):
+            out[name] = rep
+        else:
+            out[name] = name
+            first.setdefault(arch, name)
+    return out
+
+
+def each_once(names, same: dict[str, str], compute) -> dict:
+    """{name: compute(name)}, computed once per model: a name that `same` maps to another reuses its result."""
+    out = {}
+    for name in names:
+        rep = same.get(name, name)
+        out[name] = out[rep] if rep in out else compute(name)
+    return out
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
 # --- The search around the objectives -----------------------------------------------------------
 
 

@@ -157,6 +157,16 @@ def compare(quantized: dict, held_out: list[dict[str, torch.Tensor]], threads: i
             "output_shape": list(ref.shape)}
 
 
+
+def quantize_and_compare(teacher, unet: torch.nn.Module, calibration_prompts: list[str], held_out_prompts: list[str],
+                         steps: int, seed: int, workdir: str | Path, threads: int, runs: int) -> dict:
+    """The whole INT8 recipe for one U-Net: record its inputs while sampling the calibration prompts,
+    quantise, then `compare` on inputs recorded from other prompts and another seed. Adds "paths"."""
+    calibration = record_unet_inputs(teacher, calibration_prompts, steps, seed, unet=unet)
+    held_out = record_unet_inputs(teacher, held_out_prompts, steps, seed + 1, unet=unet)
+    paths = quantize_unet(unet, calibration, Path(workdir))
+    return {**compare(paths, held_out, threads, runs), "paths": paths}
+
 class OrtUNet(torch.nn.Module):
     """An exported U-Net (fp32 or INT8 ONNX, batch 1) behind the U-Net call the samplers make, so the
     quantized model can generate images: each batch row runs as its own batch-1 call."""

@@ -63,3 +63,20 @@ def test_quality_objective_is_deterministic_and_zero_for_the_teachers_own_images
     assert a["taFD[mnv2]"] == b["taFD[mnv2]"] > 1e-3 and np.isfinite(a["taKD[mnv2]"]) and a["seconds"] > 0
     with pytest.raises(ValueError, match="quality metric 'FID' is not one of"):
         family.Probe(6, 2, 3.0, "FID")
+
+
+def test_members_picked_twice_are_measured_once(smoke_teacher, base):
+    arch = space.Arch.parse("e123-d456")
+    nudged, _ = student.from_base(base, arch)
+    with torch.no_grad():
+        next(nudged.parameters()).add_(1e-3)  # same id, other weights: a different model
+    unets = {"teacher": smoke_teacher.unet, "latency": student.from_base(base, arch)[0],
+             "params": student.from_base(base, space.Arch.parse("e000-d777"))[0],
+             "prime": student.from_base(base, arch)[0], "tuned": nudged, "bk_tiny": base}
+    same = family.same_as(unets)
+    assert same == {"teacher": "teacher", "latency": "latency", "params": "params", "prime": "latency",
+                    "tuned": "tuned", "bk_tiny": "bk_tiny"}
+    calls = []
+    got = family.each_once([*unets, "step_reduced"], same, lambda n: calls.append(n) or n.upper())
+    assert calls == ["teacher", "latency", "params", "tuned", "bk_tiny", "step_reduced"]
+    assert got["prime"] == "LATENCY" and got["step_reduced"] == "STEP_REDUCED"
