@@ -162,13 +162,14 @@ def distill_module(stage: str, option: int, base, records: dict, job: ModuleJob,
     """Train one student module on its stage's recorded inputs; resumable from `out_dir/partial`."""
     name = module_name(stage, option)
     final, meta_path = out_dir / f"{name}.safetensors", out_dir / f"{name}.json"
+    partial = out_dir / "partial" / f"{name}.pt"
     if final.is_file() and meta_path.is_file():
+        partial.unlink(missing_ok=True)  # a kill between the metadata and this cleanup leaves one behind
         return json.loads(meta_path.read_text())
     module = _init_module(base, stage, option)
     opt = torch.optim.AdamW(module.parameters(), lr=job.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=job.steps)
     gen = torch.Generator().manual_seed(job.seed * 1000 + index)
-    partial = out_dir / "partial" / f"{name}.pt"
     start, log, seconds = 0, [], 0.0
     if partial.is_file():  # resume exactly where the last checkpoint left off
         state = torch.load(partial, weights_only=False)

@@ -119,8 +119,12 @@ def test_killed_run_resumes_and_matches(worker_inputs, reference):
     out = worker_inputs / "killed"
     proc = subprocess.Popen(worker(worker_inputs, out), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def done():  # a module is finished once its metadata, written after its weights, is there
+        return {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors") if p.with_suffix(".json").is_file()}
+
     def mid_run():  # >= 2 finished modules and a checkpoint of the next
-        return len(list(out.glob("*.safetensors"))) >= 2 and list(out.glob("partial/*.pt"))
+        return len(done()) >= 2 and list(out.glob("partial/*.pt"))
 
     deadline = time.time() + 300
     while time.time() < deadline:  # pause, look again, then kill: a module may finish in between
@@ -132,12 +136,13 @@ def test_killed_run_resumes_and_matches(worker_inputs, reference):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    finished = done()
     partial = list(out.glob("partial/*.pt"))
     assert finished and len(finished) < 30 and partial
     subprocess.run(worker(worker_inputs, out), check=True, timeout=600)
     assert all((out / n).stat().st_mtime_ns == t for n, t in finished.items())  # not redone
     same_results(out, reference)  # the interrupted module continued exactly where it stopped
+    assert not list(out.glob("partial/*.pt"))
 
 
 def test_two_torchrun_ranks_equal_one_process(worker_inputs, reference):
