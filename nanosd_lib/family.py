@@ -154,7 +154,6 @@ def save_member(base, arch: Arch, students_dir: Path, folder: Path) -> Path:
     return replace_dir(tmp, folder)
 
 
-
 def same_as(unets: dict) -> dict[str, str]:
     """{name: the first name holding the same model}. The search may pick one architecture for several
     members; they are then one model (same modules, same weights), and measuring it once per name only
@@ -184,6 +183,7 @@ def each_once(names, same: dict[str, str], compute) -> dict:
 def _same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
 
 # --- The search around the objectives -----------------------------------------------------------
 

@@ -157,7 +157,6 @@ def compare(quantized: dict, held_out: list[dict[str, torch.Tensor]], threads: i
             "output_shape": list(ref.shape)}
 
 
-
 def quantize_and_compare(teacher, unet: torch.nn.Module, calibration_prompts: list[str], held_out_prompts: list[str],
                          steps: int, seed: int, workdir: str | Path, threads: int, runs: int) -> dict:
     """The whole INT8 recipe for one U-Net: record its inputs while sampling the calibration prompts,
@@ -166,6 +165,7 @@ def quantize_and_compare(teacher, unet: torch.nn.Module, calibration_prompts: li
     held_out = record_unet_inputs(teacher, held_out_prompts, steps, seed + 1, unet=unet)
     paths = quantize_unet(unet, calibration, Path(workdir))
     return {**compare(paths, held_out, threads, runs), "paths": paths}
+
 
 class OrtUNet(torch.nn.Module):
     """An exported U-Net (fp32 or INT8 ONNX, batch 1) behind the U-Net call the samplers make, so the
