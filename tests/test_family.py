@@ -44,9 +44,15 @@ def test_the_family_rules():
     members, bound = family.pick(points, ["quality", "latency_ms", "params"], bounds, quality_quantile=0.5)
     assert bound == 2.5  # median of all evaluated qualities
     assert members["latency"]["id"] == "b" and members["params"]["id"] == "e"  # within the bound
-    assert members["prime"]["id"] == "c"  # nearest the ideal point (0, 0, 0) on the normalised front
+    # Prime: of the front members better than both (a and f), the nearer the ideal point (0, 0, 0); the
+    # knee of the whole front (c) is faster than Latency but worse than the bound, so it is not Prime
+    assert members["prime"]["id"] == "f"
+    prime, fast, small = members["prime"], members["latency"], members["params"]
+    assert prime.quality < min(fast.quality, small.quality)
+    assert prime.latency_ms >= fast.latency_ms and prime.params >= small.params
     strict, _ = family.pick(points, ["quality", "latency_ms", "params"], bounds, quality_quantile=0.01)
-    assert strict["latency"]["id"] == strict["params"]["id"] == "a"  # only the best quality qualifies
+    # only the best quality qualifies, and nothing beats it: all three are that point
+    assert strict["latency"]["id"] == strict["params"]["id"] == strict["prime"]["id"] == "a"
 
 
 def test_quality_objective_is_deterministic_and_zero_for_the_teachers_own_images(smoke_teacher, base,
