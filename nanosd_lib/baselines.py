@@ -208,10 +208,12 @@ def kd_train(student, teacher_unet, data: LatentSet, steps: int, batch_size: int
 
 
 def kd_train_together(students: dict, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
-                      weights: distill.HealWeights, generator: torch.Generator) -> dict[str, list[dict]]:
-    """`kd_train` for {name: student} in lockstep: the same batches, one teacher forward a step."""
+                      weights: distill.HealWeights, generator: torch.Generator,
+                      pool: int = 0) -> dict[str, list[dict]]:
+    """`kd_train` for {name: student} in lockstep: the same batches, one teacher forward a step, or, with
+    `pool` > 0, one per batch of a pool drawn up front (`distill.heal_together`)."""
     return distill.heal_together({n: (m, kd_pairs(m)) for n, m in students.items()}, teacher_unet, data,
-                                 steps, batch_size, lr, weights, generator, desc="baseline KD")
+                                 steps, batch_size, lr, weights, generator, desc="baseline KD", pool=pool)
 
 
 # ---------------------------------------------------------------- fewer steps

@@ -185,6 +185,8 @@ class EvaluateFamily(Section):
     images: int = _f("fresh (prompt, noise) pairs per model, disjoint from the search's (>= 256 for "
                      "the study)", ge=2)
     kd_lr: float = _f("AdamW learning rate of the baselines' whole-model KD", gt=0)
+    kd_pool: int = _f("batches drawn up front, the teacher run once on each, that KD steps draw from "
+                      "(0: a fresh batch and teacher forward every step)", ge=0)
     interp_frames: int = _f("frames along each slerp between two noises", ge=3)
     grid_prompts: int = _f("prompts (columns) in the sample grid", ge=1)
 

@@ -60,32 +60,45 @@ def heal(base, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: f
 
 
 def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
-                  weights: HealWeights, generator: torch.Generator, desc: str = "heal") -> dict[str, list[dict]]:
+                  weights: HealWeights, generator: torch.Generator, desc: str = "heal",
+                  pool: int = 0) -> dict[str, list[dict]]:
     """`heal` for several students in lockstep: {name: (model, pairs)} -> {name: log}.
 
     Each step draws one batch and runs the teacher once for all of them, so every student sees the same
-    data and the teacher's forward (about 40 % of a step) is paid once. Each has its own optimizer."""
+    data and the teacher's forward (about 40 % of a step) is paid once. Each has its own optimizer.
+
+    With `pool` > 0, `pool` batches are drawn first and the teacher runs once on each; every step then
+    takes one of them at random (as module distillation reuses its recorded batches). The teacher's
+    forward is then paid `pool` times instead of `steps` times."""
     teacher_unet.eval().requires_grad_(False)
     t_names = sorted({p[1] for _, pairs in students.values() for p in pairs.values()})
+
+    def draw():
+        b = data.draw(batch_size, generator)
+        with torch.no_grad(), Recorder(teacher_unet, t_names) as t_rec:
+            t_pred = teacher_unet(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
+        return b, t_pred, {t: t_rec.calls[t][0][2] for t in t_names}
+
+    if pool < 0:
+        raise ValueError(f"heal_together: pool must be >= 0 batches, got {pool}")
+    recorded = [draw() for _ in bar(range(pool), desc=f"{desc}: teacher on {pool} batches")] if pool else []
     opts = {}
     for name, (model, _) in students.items():
         model.train()
         opts[name] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     logs = {name: [] for name in students}
     for step in bar(range(steps), desc=desc):
-        b = data.draw(batch_size, generator)
-        with torch.no_grad(), Recorder(teacher_unet, t_names) as t_rec:
-            t_pred = teacher_unet(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
+        b, t_pred, t_out = recorded[int(torch.randint(pool, (), generator=generator))] if pool else draw()
         for name, (model, pairs) in students.items():
             with Recorder(model, [p[0] for p in pairs.values()], detach=False) as s_rec:
                 pred = model(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
             terms = []
             for stage, (s, t, s_pick, t_pick) in pairs.items():
-                s_out, t_out = s_pick(s_rec.calls[s][0][2]), t_pick(t_rec.calls[t][0][2])
-                if s_out.shape != t_out.shape:
-                    raise ValueError(f"feature pair {stage}: student {s} gives {tuple(s_out.shape)}, teacher "
-                                     f"{t} gives {tuple(t_out.shape)}; pairs must have equal shapes")
-                terms.append(F.mse_loss(s_out, t_out))
+                s_feat, t_feat = s_pick(s_rec.calls[s][0][2]), t_pick(t_out[t])
+                if s_feat.shape != t_feat.shape:
+                    raise ValueError(f"feature pair {stage}: student {s} gives {tuple(s_feat.shape)}, teacher "
+                                     f"{t} gives {tuple(t_feat.shape)}; pairs must have equal shapes")
+                terms.append(F.mse_loss(s_feat, t_feat))
             feat = sum(terms) / len(terms) if terms else pred.new_zeros(())
             task, out = F.mse_loss(pred, b["target"]), F.mse_loss(pred, t_pred)
             loss = weights.task * task + weights.out * out + weights.feat * feat

@@ -175,6 +175,23 @@ def test_kd_together_is_kd_one_at_a_time_on_the_same_batches(smoke_teacher, late
         assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), start[name].parameters())), name
 
 
+def test_kd_from_a_pool_runs_the_teacher_once_per_pooled_batch_and_still_learns(smoke_teacher, latents, batch):
+    bk, _ = baselines.bk_tiny(smoke_teacher.unet)
+    before = distill.relative_error(bk, smoke_teacher.unet, batch)
+    calls = []
+    hook = smoke_teacher.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        logs = baselines.kd_train_together({"bk_tiny": bk}, smoke_teacher.unet, latents, 30, 8, 1e-3,
+                                           baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(0), pool=6)
+    finally:
+        hook.remove()
+    assert len(calls) == 6 and len(logs["bk_tiny"]) == 30  # 6 teacher forwards for 30 steps
+    assert distill.relative_error(bk, smoke_teacher.unet, batch) < 0.8 * before  # on a batch outside the pool
+    with pytest.raises(ValueError, match="pool must be >= 0"):
+        baselines.kd_train_together({"bk_tiny": bk}, smoke_teacher.unet, latents, 1, 8, 1e-3,
+                                    baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(0), pool=-1)
+
+
 def test_step_reduced():
     assert baselines.step_reduced(50, 100.0, 40.0) == 20
     assert baselines.step_reduced(25, 30.0, 10.0) == 8  # 8.33 rounds down: never slower than the target
