@@ -91,6 +91,42 @@ def hv_traces(traces: pd.DataFrame, title: str):
     return fig
 
 
+ROLE_STYLE = {"teacher": dict(marker="s", c="black"), "member": dict(marker="*", c="crimson", s=160),
+              "baseline": dict(marker="^", c="tab:blue")}
+
+
+def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[str, str], title: str):
+    """Named models (index) in the three pairwise projections of `objectives`, marked by role ('teacher',
+    'member' or 'baseline'), each labelled once. Latency and parameters span decades, so those axes are
+    logarithmic; quality (a kernel distance, possibly slightly negative) is on a symlog axis."""
+    import numpy as np
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    q = models[objectives[0]].abs()
+    q = q[q > 0]  # linear within a decade of the typical distance, logarithmic beyond
+    linthresh = float(10 ** np.floor(np.log10(q.median()))) if len(q) else 1e-3
+    for ax, (i, j) in zip(axes, pairs):
+        x, y = objectives[i], objectives[j]
+        for role, style in ROLE_STYLE.items():
+            names = [n for n in models.index if roles.get(n) == role]
+            if names:
+                ax.scatter(models.loc[names, x], models.loc[names, y], label=role,
+                           **{"s": 60, **style, "zorder": 3})
+        for name in models.index:
+            ax.annotate(name, (models.loc[name, x], models.loc[name, y]), fontsize=8, xytext=(5, 3),
+                        textcoords="offset points")
+        for axis, col in (("x", x), ("y", y)):
+            scale = ("symlog", dict(linthresh=linthresh, linscale=0.5)) if col == objectives[0] else ("log", {})
+            getattr(ax, f"set_{axis}scale")(scale[0], **scale[1])
+        ax.set(xlabel=x, ylabel=y)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def front_projections(points: pd.DataFrame, objectives: list[str], marks: dict[str, str], title: str):
     """Every evaluated point in the three pairwise projections; the 3-D front in colour, named ids marked."""
     from .search import pareto_mask
