@@ -134,6 +134,9 @@ class SearchArchitectures(Section):
     pool: int = _f("unevaluated candidates EHVI scores per round (all 32,768 cost ~1 min a round)", ge=1)
     quality_quantile: float = _f("family rule: Latency and Params must have quality within this "
                                  "quantile of every evaluated candidate's", gt=0, le=1)
+    prime_rule: Literal["quality_knee", "knee"] = _f("family rule for Prime: 'quality_knee', the knee of the "
+                                                     "front members better on quality than Latency and "
+                                                     "Params; 'knee', the knee of the whole front")
 
 
 class SlimVae(Section):

@@ -129,7 +129,7 @@ def front(points: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
 
 
 def pick(points: pd.DataFrame, objectives: list[str], bounds: dict[str, tuple[float, float]],
-         quality_quantile: float) -> tuple[dict[str, pd.Series], float]:
+         quality_quantile: float, prime_rule: str = "quality_knee") -> tuple[dict[str, pd.Series], float]:
     """The three members from all evaluated points: `objectives` = [quality, latency, params].
 
     The quality bound is the `quality_quantile` of every evaluated candidate's quality: Latency and
@@ -137,13 +137,16 @@ def pick(points: pd.DataFrame, objectives: list[str], bounds: dict[str, tuple[fl
     members better on quality than both, the one closest to the ideal point (every objective at its
     lower bound) in the space normalised by `bounds`: the knee of the quality end, where no objective
     can improve much without another paying for it. Where no front member beats both, Prime is the
-    best-quality one (then one of the two)."""
+    best-quality one (then one of the two). With `prime_rule='knee'`, Prime is the knee of the whole
+    front instead, which may be faster than Latency and worse than the bound."""
+    if prime_rule not in ("quality_knee", "knee"):
+        raise ValueError(f"prime_rule must be 'quality_knee' or 'knee', got {prime_rule!r}")
     q, lat, par = objectives
     pareto = front(points, objectives)
     bound = float(points[q].quantile(quality_quantile))
     good = pareto[pareto[q] <= bound]  # never empty: the best-quality point is on the front
     latency, params = good.loc[good[lat].idxmin()], good.loc[good[par].idxmin()]
-    better = good[good[q] < min(latency[q], params[q])]
+    better = pareto if prime_rule == "knee" else good[good[q] < min(latency[q], params[q])]
     if better.empty:
         prime = good.loc[good[q].idxmin()]
     else:

@@ -53,6 +53,10 @@ def test_the_family_rules():
     strict, _ = family.pick(points, ["quality", "latency_ms", "params"], bounds, quality_quantile=0.01)
     # only the best quality qualifies, and nothing beats it: all three are that point
     assert strict["latency"]["id"] == strict["params"]["id"] == strict["prime"]["id"] == "a"
+    whole, _ = family.pick(points, ["quality", "latency_ms", "params"], bounds, 0.5, prime_rule="knee")
+    assert whole["prime"]["id"] == "c"  # the whole front's knee: faster than Latency, worse than the bound
+    with pytest.raises(ValueError, match="prime_rule must be"):
+        family.pick(points, ["quality", "latency_ms", "params"], bounds, 0.5, prime_rule="best")
 
 
 def test_quality_objective_is_deterministic_and_zero_for_the_teachers_own_images(smoke_teacher, base,
