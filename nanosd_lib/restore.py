@@ -129,18 +129,19 @@ def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
 
 
 def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
-                 workdir) -> dict[str, float]:
-    """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime."""
-    from pathlib import Path
+                 workdir, rounds: int = 4, seed: int = 0) -> dict[str, float]:
+    """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime.
 
-    from .latency import median_ms, onnx_session
+    The restorers are timed interleaved, in `rounds` shuffled rounds of `runs` calls each (as the
+    latency tables are), and each keeps its median over rounds: a slow phase of the machine then
+    lands on all of them rather than on whichever was timed during it."""
+    from .latency import interleaved_timings, onnx_session
 
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
-    out = {}
-    for name in bar(names, desc="tile latency"):
-        run = onnx_session(restorers[task, name].eval(), (x,), Path(workdir) / f"{name}.onnx", threads)
-        out[name] = median_ms(run, runs)
-    return out
+    calls = {name: onnx_session(restorers[task, name].eval(), (x,), Path(workdir) / f"{name}.onnx", threads)
+             for name in bar(names, desc="tile latency: export")}
+    timings = interleaved_timings(calls, rounds, runs, 2, seed, desc=f"tile latency: {rounds} rounds")
+    return timings.groupby("item").ms.median().to_dict()
 
 
 def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: int) -> dict[str, dict]:

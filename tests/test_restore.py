@@ -43,3 +43,21 @@ def test_a_folder_without_a_restorer_is_refused(tmp_path, restorer):
         restore.load(tmp_path)
     with pytest.raises(ValueError, match="unknown task 'deblur'"):
         restore.save(restorer, tmp_path / "x", "deblur", 32, 8)
+
+
+def test_tile_latency_times_every_restorer_interleaved(restorer, tmp_path, monkeypatch):
+    from nanosd_lib import latency
+
+    seen = []
+    real = latency.interleaved_timings
+
+    def spy(calls, rounds, runs, *args, **kwargs):
+        seen.append((sorted(calls), rounds, runs))
+        return real(calls, rounds, runs, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "interleaved_timings", spy)
+    restorers = {("sr_x4", "a"): restorer, ("sr_x4", "b"): restorer}
+    ms = restore.tile_latency(restorers, ["a", "b"], "sr_x4", 32, 1, 2, tmp_path, rounds=3)
+    assert seen == [(["a", "b"], 3, 2)]  # one interleaved timing of both, 3 rounds of 2 calls
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx"}
