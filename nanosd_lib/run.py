@@ -104,6 +104,14 @@ def start(stage: str, output_root: str, **given: dict) -> tuple[config.Params, L
     return params, layout
 
 
+def _shown(path: Path, root: Path) -> str:
+    """`path` as a reader should see it: relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def producer(root: Path, path: str) -> str:
     """The stage whose outputs include `path` (a folder or file under the study root)."""
     for name, stage in dvc_stages(root).items():
@@ -128,7 +136,7 @@ def require(layout: Layout, scale: str, *paths: str) -> None:
         stage = producer(root, path)
         if scale != "smoke" or layout.root.resolve() == root.resolve():
             raise FileNotFoundError(f"{layout.root / path} is missing: run `dvc repro {stage}` first")
-        print(f"{path} is missing in {layout.root}: building it with stage {stage} at smoke scale")
+        print(f"{path} is missing in {_shown(layout.root, root)}: building it with stage {stage} at smoke scale")
         if stage == "gather_photos":
             from . import photos
 

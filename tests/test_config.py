@@ -125,3 +125,19 @@ def test_bad_params_stop_the_runner_before_any_output(study, capsys):
     assert "train_teacher.unet_steps: must be >= 1" in capsys.readouterr().err
     assert report.read_text() == "previous run"
     assert not (study / "results").exists() and not (study / "data").exists()
+
+
+def test_only_the_two_known_library_warnings_are_silenced():
+    import warnings
+
+    import nanosd_lib
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nanosd_lib.quiet_known_warnings()
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning)
+        warnings.warn("Constant folding - Only steps=1 can be constant folded for opset >= 10", UserWarning)
+        warnings.warn("`torch.jit.script` is deprecated", UserWarning)  # same text, other category: shown
+        warnings.warn("a warning about the study", FutureWarning)
+    assert [(type(w.message), str(w.message)) for w in caught] == [
+        (UserWarning, "`torch.jit.script` is deprecated"), (FutureWarning, "a warning about the study")]
