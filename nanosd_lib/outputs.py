@@ -8,8 +8,6 @@ import platform
 import shutil
 from pathlib import Path
 
-import torch
-
 
 def repo_root(start: str | Path | None = None) -> Path:
     """The study's root: the nearest folder above `start` (default: cwd) holding dvc.yaml.
@@ -57,7 +55,8 @@ def machine() -> str:
 
 def provenance(base, **extra) -> dict:
     """What made a number: scale, seed, threads, backend, library versions, machine."""
-    import diffusers
+    import diffusers  # imported here, so that the params check (which needs only Layout) starts fast
+    import torch
 
     info = {"scale": base.scale, "seed": base.seed, "threads": base.threads,
             "torch": torch.__version__, "diffusers": diffusers.__version__,

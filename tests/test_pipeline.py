@@ -81,19 +81,29 @@ def test_persist_only_where_resuming_needs_it():
     assert persisted <= {"data/students", "data/device/sm8750.json", "data/device/sm8750_family.json", "data/search"}, persisted
 
 
-@pytest.fixture
-def dvc_study(tmp_path):
+@pytest.fixture(scope="module")
+def dvc_template(tmp_path_factory):
     """A scratch DVC project with the study's dvc.yaml and params.yaml and earlier outputs in place."""
+    root = tmp_path_factory.mktemp("dvc_template")
     for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(LIB, tmp_path / "nanosd_lib", ignore=shutil.ignore_patterns("__pycache__"))  # deps
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(LIB, root / "nanosd_lib", ignore=shutil.ignore_patterns("__pycache__"))  # deps
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
-    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=tmp_path, check=True, env=env)
-    earlier = tmp_path / "results" / "train_teacher" / "metrics.json"
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, check=True, env=env)
+    earlier = root / "results" / "train_teacher" / "metrics.json"
     earlier.parent.mkdir(parents=True)
     earlier.write_text('{"from": "an earlier run"}')
-    return tmp_path, env
+    return root, env
+
+
+@pytest.fixture
+def dvc_study(dvc_template, tmp_path):
+    """A fresh copy of the template for each test: `dvc init` once, not once per case."""
+    template, env = dvc_template
+    study = tmp_path / "study"
+    shutil.copytree(template, study)
+    return study, env
 
 
 def edit_params(path: Path, section: str, key: str, value) -> None:
