@@ -24,7 +24,7 @@ from .outputs import LIBRARY, fingerprint, write_json
 from .progress import bar
 from .recorder import Recorder
 from .space import STAGES, Arch, student_modules
-from .training import LatentSet, check_finite
+from .training import LatentSet, adamw, check_finite
 
 
 # Feature-KD pairs: (module in the base, module in the teacher, which output of each to compare).
@@ -85,7 +85,7 @@ def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, bat
     opts = {}
     for name, (model, _) in students.items():
         model.train()
-        opts[name] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        opts[name] = adamw(model.parameters(), lr)
     logs = {name: [] for name in students}
     for step in bar(range(steps), desc=desc):
         b, t_pred, t_out = recorded[int(torch.randint(pool, (), generator=generator))] if pool else draw()
@@ -180,7 +180,7 @@ def distill_module(stage: str, option: int, base, records: dict, job: ModuleJob,
         partial.unlink(missing_ok=True)  # a kill between the metadata and this cleanup leaves one behind
         return json.loads(meta_path.read_text())
     module = _init_module(base, stage, option)
-    opt = torch.optim.AdamW(module.parameters(), lr=job.lr, weight_decay=0.0)
+    opt = adamw(module.parameters(), job.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=job.steps)
     gen = torch.Generator().manual_seed(job.seed * 1000 + index)
     start, log, seconds = 0, [], 0.0

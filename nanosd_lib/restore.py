@@ -27,7 +27,7 @@ from torch import nn
 from . import degrade, tiling
 from .progress import bar
 from .quality import lpips_mnv2
-from .training import check_finite
+from .training import adamw, check_finite
 
 TASKS = ("sr_x4", "denoise")
 
@@ -94,7 +94,7 @@ def fine_tune(restorer: Restorer, crops: torch.Tensor, task: str, cfg: FineTune,
     """Train the U-Net of `restorer` on (degraded, clean) pairs of [0, 1] crops; logs both terms."""
     restorer.vae.requires_grad_(False).eval()
     unet = restorer.unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(unet.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     log, start = [], time.perf_counter()
     for step in bar(range(cfg.steps), desc=f"fine-tune {task}"):

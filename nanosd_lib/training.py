@@ -25,7 +25,7 @@ LOGVAR_INIT = -8.0  # start the posterior nearly deterministic (std e^-4): a fre
 def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int, lr: float,
               kl_weight: float, generator: torch.Generator, net=None, perceptual_weight: float = 0.0,
               perceptual_every: int = 1, eval_images: torch.Tensor | None = None,
-              evals: int = 8) -> list[dict]:
+              evals: int = 4) -> list[dict]:
     """L1 reconstruction + KL + lpips_mnv2 on feature network `net` (SD's autoencoder recipe without
     its GAN). The perceptual term, which doubles a step's cost, is added on every `perceptual_every`-th
     step. With `eval_images`, quality on them is logged `evals` times, so it reads against time.
@@ -36,7 +36,7 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
         half = out.out_channels // 2
         out.weight[half:].zero_()
         out.bias[half:].fill_(LOGVAR_INIT)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(vae.parameters(), lr)
     sched = one_cycle(opt, lr, steps)
     log, t0, eval_s = [], time.perf_counter(), 0.0
     for step in bar(range(steps), desc="vae"):
@@ -192,7 +192,7 @@ def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: i
       the prompt decides the picture's layout and colours.
     """
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(unet.parameters(), lr)
     sched = one_cycle(opt, lr, steps)
     alphas = data.noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas).clamp(min=1e-8)
@@ -220,6 +220,13 @@ def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: i
         log.append({"step": step, "mse": err.mean().item(), "loss": loss.item()})
     unet.eval()
     return log
+
+
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay, as every training loop here uses it, on the fused kernel: with the
+    default per-tensor update, an embedded U-Net step on 2 threads spent ~45 of its ~340 ms updating its
+    686 tensors; fused, 13 ms (CPU and CUDA alike)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
 def one_cycle(opt, lr: float, steps: int):

@@ -32,7 +32,7 @@ from .data import to_unit
 from .latency import host_call, median_ms, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
-from .training import check_finite, one_cycle, vae_quality
+from .training import adamw, check_finite, one_cycle, vae_quality
 from .vae_options import OPTIONS, VaeOption, option  # noqa: F401  (the table is part of this API)
 
 SD15_VAE_PARAMS = 83_653_863  # SD-1.5's published vae/config.json, counted on the meta device
@@ -166,7 +166,7 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
         raise ValueError(f"every loss weight is 0 ({weights}); nothing would be trained")
     teacher_vae.eval()
     slim.train()
-    opt = torch.optim.AdamW(slim.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(slim.parameters(), lr)
     sched = one_cycle(opt, lr, steps)
     log = []
     for step in bar(range(steps), desc="slim vae"):
