@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import pandas as pd
 import seaborn as sns
 import torch
@@ -95,12 +96,30 @@ ROLE_STYLE = {"teacher": dict(marker="s", c="black"), "member": dict(marker="*",
               "baseline": dict(marker="^", c="tab:blue")}
 
 
+def _short(value: float, _pos=None) -> str:
+    """A tick label in a few characters: 50, 200, 2M, 500k."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def _one_label_per_point(where: dict) -> dict[str, object]:
+    """{name: point} -> {label: point}, names that share a point joined into one label ("latency =
+    params"), so that a model the search picked for two roles is not labelled twice on one spot."""
+    groups: dict = {}
+    for name, point in where.items():
+        groups.setdefault(point, []).append(name)
+    return {" = ".join(names): point for point, names in groups.items()}
+
+
 def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[str, str], title: str):
     """Named models (index) in the three pairwise projections of `objectives`, marked by role ('teacher',
     'member' or 'baseline'), each labelled once. Latency and parameters span decades, so those axes are
     logarithmic; quality (a kernel distance, possibly slightly negative) is on a symlog axis."""
     import numpy as np
 
+    together = _one_label_per_point({n: tuple(models.loc[n, objectives]) for n in models.index})
     pairs = [(0, 1), (0, 2), (1, 2)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     q = models[objectives[0]].abs()
@@ -113,12 +132,16 @@ def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[s
             if names:
                 ax.scatter(models.loc[names, x], models.loc[names, y], label=role,
                            **{"s": 60, **style, "zorder": 3})
-        for name in models.index:
-            ax.annotate(name, (models.loc[name, x], models.loc[name, y]), fontsize=8, xytext=(5, 3),
-                        textcoords="offset points")
+        for label, point in together.items():
+            ax.annotate(label, (point[i], point[j]), fontsize=8, xytext=(5, 3), textcoords="offset points")
         for axis, col in (("x", x), ("y", y)):
-            scale = ("symlog", dict(linthresh=linthresh, linscale=0.5)) if col == objectives[0] else ("log", {})
-            getattr(ax, f"set_{axis}scale")(scale[0], **scale[1])
+            if col == objectives[0]:
+                getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh, linscale=0.5)
+            else:  # labels at 1, 2 and 5 of each decade: minor labels on a short span overlap
+                getattr(ax, f"set_{axis}scale")("log")
+                getattr(ax, f"{axis}axis").set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                getattr(ax, f"{axis}axis").set_major_formatter(ticker.FuncFormatter(_short))
+                getattr(ax, f"{axis}axis").set_minor_formatter(ticker.NullFormatter())
         ax.set(xlabel=x, ylabel=y)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -138,10 +161,10 @@ def front_projections(points: pd.DataFrame, objectives: list[str], marks: dict[s
         x, y = objectives[i], objectives[j]
         ax.scatter(points[x][~on_front], points[y][~on_front], s=12, c="lightgrey", label="evaluated")
         ax.scatter(points[x][on_front], points[y][on_front], s=18, c="tab:blue", label="3-D front")
-        for name, arch_id in marks.items():
+        for names, arch_id in _one_label_per_point(marks).items():
             row = points[points.id == arch_id].iloc[0]
             ax.scatter(row[x], row[y], s=120, marker="*", c="crimson", zorder=3)
-            ax.annotate(f"{name} {arch_id}", (row[x], row[y]), fontsize=8, xytext=(4, 4),
+            ax.annotate(f"{names} {arch_id}", (row[x], row[y]), fontsize=8, xytext=(4, 4),
                         textcoords="offset points")
         ax.set(xlabel=x, ylabel=y)
     axes[0].legend(fontsize=8)

@@ -3,6 +3,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import re  # noqa: E402
+
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -26,3 +28,26 @@ def test_model_projections_marks_roles_labels_each_model_once_and_uses_log_axes(
     assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ["baseline", "member", "teacher"]
     with pytest.raises(KeyError):
         plots.model_projections(models, ["quality", "latency_ms", "missing"], roles, "t")
+
+
+def test_models_on_one_point_share_one_label_and_ticks_stay_few():
+    """The search may pick one architecture for two roles: one label, "latency = params", not two
+    labels printed over each other; log axes over less than a decade label 1, 2 and 5 only."""
+    models = pd.DataFrame({"quality": [-0.004, 0.013, 0.013, 0.012],
+                           "latency_ms": [249.0, 46.9, 46.9, 61.3],
+                           "params": [8.6e6, 1.138e6, 1.138e6, 1.251e6]},
+                          index=["teacher", "latency", "params", "prime"])
+    roles = {"teacher": "teacher", "latency": "member", "params": "member", "prime": "member"}
+    fig = plots.model_projections(models, ["quality", "latency_ms", "params"], roles, "t")
+    for ax in fig.axes:
+        assert sorted(t.get_text() for t in ax.texts) == ["latency = params", "prime", "teacher"]
+    fig.canvas.draw()
+    ax = fig.axes[2]  # latency (x) against params (y), both logarithmic
+    shown = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    assert all(re.fullmatch(r"[125]0*[kM]?", t) for t in shown), shown
+    assert {"50", "100", "200", "2M", "5M"} <= set(shown), shown
+    marks = {"latency": "e233-d771", "params": "e233-d771", "prime": "e233-d761"}
+    points = pd.DataFrame({"id": ["e233-d771", "e233-d761", "e000-d000"], "quality": [0.01, 0.0, 0.2],
+                           "latency_ms": [4.1, 5.0, 9.0], "params": [1.1e6, 1.2e6, 4e6]})
+    fig = plots.front_projections(points, ["quality", "latency_ms", "params"], marks, "t")
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["latency = params e233-d771", "prime e233-d761"]
