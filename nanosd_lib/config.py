@@ -153,10 +153,11 @@ class SlimVae(Section):
     w_perceptual: float = _f("weight of lpips_mnv2", ge=0)
     w_decoder: float = _f("weight of decoder match on the teacher's latents", ge=0)
     latents: int = _f("generated latents per U-Net for the compatibility check", ge=2)
-    runs: int = _f("timed runs per latency at the study's width, median kept", ge=1)
+    runs: int = _f("interleaved timing rounds at the study's width (a warm-up and a timed call of each "
+                   "VAE per round), median kept", ge=1)
     sd15_timing: bool = _f("also time both VAEs at SD-1.5 width (random weights, ~2 min)")
-    sd15_runs: int = _f("timed runs per SD-1.5-width latency after one warm-up (seconds each), median kept",
-                        ge=1)
+    sd15_runs: int = _f("interleaved timing rounds at SD-1.5 width, one call of each VAE per round (seconds "
+                        "each); the first round also warms up, so from 3 the median is a warm call", ge=1)
 
     @field_validator("option")
     @classmethod

@@ -29,7 +29,7 @@ from torch import nn
 
 from .baseline import SD15_VAE, count_params
 from .data import to_unit
-from .latency import host_call, median_ms, time_callable, torch_threads
+from .latency import host_call, interleaved_timings, median_ms, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
 from .training import adamw, check_finite, one_cycle, vae_quality
@@ -241,12 +241,30 @@ def decode_latency(vae: AutoencoderKL, latent_px: int, backend: str, threads: in
     A meta-device VAE (`sd15_pair`) is first rebuilt from its config with random weights: timing needs
     storage, not trained values. SD-1.5's full decoder at 64x64 latents takes seconds a run on 2 threads.
     """
+    module, args = _decode_job(vae, latent_px)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return _time(backend, module, args, runs, threads, Path(workdir), name, warmup)
+
+
+def _storage(vae: AutoencoderKL) -> AutoencoderKL:
+    """`vae`, or for a meta-device VAE (`sd15_pair`) the same config with random weights: timing needs
+    storage, not trained values."""
     if any(p.is_meta for p in vae.parameters()):
-        vae = AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
+        return AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
+    return vae
+
+
+def _decode_job(vae: AutoencoderKL, latent_px: int) -> tuple[nn.Module, tuple]:
+    vae = _storage(vae)
     z = torch.randn(1, vae.config.latent_channels, latent_px, latent_px,
                     generator=torch.Generator().manual_seed(0))
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    return _time(backend, _Decode(vae.eval()), (z,), runs, threads, Path(workdir), name, warmup)
+    return _Decode(vae.eval()), (z,)
+
+
+def _encode_job(vae: AutoencoderKL, image_px: int) -> tuple[nn.Module, tuple]:
+    vae = _storage(vae)
+    x = torch.rand(1, 3, image_px, image_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return _Encode(vae.eval()), (x,)
 
 
 def _time(backend: str, module: nn.Module, args: tuple, runs: int, threads: int, workdir: Path, name: str,
@@ -323,11 +341,9 @@ class _Encode(nn.Module):
 def encode_latency(vae: AutoencoderKL, image_px: int, backend: str, threads: int, runs: int,
                    workdir: str | Path, name: str = "vae_encode", warmup: int | None = None) -> float:
     """Median ms of one tile's encode (batch 1, `image_px` images): restoration encodes every tile."""
-    if any(p.is_meta for p in vae.parameters()):
-        vae = AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
-    x = torch.rand(1, 3, image_px, image_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    module, args = _encode_job(vae, image_px)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return _time(backend, _Encode(vae.eval()), (x,), runs, threads, Path(workdir), name, warmup)
+    return _time(backend, module, args, runs, threads, Path(workdir), name, warmup)
 
 
 def load(folder: str | Path) -> AutoencoderKL:
@@ -337,28 +353,41 @@ def load(folder: str | Path) -> AutoencoderKL:
 
 def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: AutoencoderKL, sd_slim: AutoencoderKL,
           latent_px: int, threads: int, runs: int, workdir: str | Path, sd15: bool = True,
-          sd15_runs: int | None = None) -> dict:
-    """Decode (and, at SD-1.5 width, encode) latency of teacher and slim VAE, median of `runs`:
-    at the study's tile on torch and ONNX Runtime; with `sd15`, at the SD tile (64x64 latents, 512 px)
-    with random weights, decode on both backends and encode on torch (restoration encodes every tile),
-    median of `sd15_runs` (default `runs`) after one warm-up call: SD-1.5's decoder takes seconds a call
-    on 2 threads."""
+          sd15_runs: int | None = None, seed: int = 0) -> dict:
+    """Decode (and, at SD-1.5 width, encode) latency of teacher and slim VAE: at the study's tile on torch
+    and ONNX Runtime; with `sd15`, at the SD tile (64x64 latents, 512 px) with random weights, decode on
+    both backends and encode on torch (restoration encodes every tile).
+
+    Each width's calls are timed in interleaved rounds (`latency.interleaved_timings`), so a slow phase
+    of the machine lands on both VAEs rather than on whichever was timed during it; a speed-up is a
+    ratio of the two. Study tile: median of `runs` rounds, one warm-up call per round. SD tile (seconds a
+    call on 2 threads): median of `sd15_runs` rounds (default `runs`) with no separate warm-up, so the
+    first round also warms every call; from 3 rounds on, the median is a warm call."""
     sd15_runs = runs if sd15_runs is None else sd15_runs
-    out = {}
-    for backend in ("torch", "onnxruntime"):
-        out[f"embedded_{backend}"] = {k: {"decode_ms": decode_latency(v, latent_px, backend, threads, runs, workdir,
-                                                                      f"{k}_{backend}")}
-                                      for k, v in (("teacher", teacher_vae), ("slim", slim))}
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+
+    def measure(jobs: dict, rounds: int, warmup: int, desc: str) -> None:
+        with torch_threads(threads):
+            calls = {"/".join(key): host_call(key[0], module, args, threads, workdir, "_".join(key))
+                     for key, (module, args) in jobs.items()}
+            timed = interleaved_timings(calls, rounds, 1, warmup=warmup, seed=seed, desc=desc)
+        for item, ms in timed.groupby("item").ms.median().items():
+            backend, width, model, what = item.split("/")
+            out.setdefault(f"{width}_{backend}", {}).setdefault(model, {})[f"{what}_ms"] = float(ms)
+
+    backends = ("torch", "onnxruntime")
+    measure({(b, "embedded", k, "decode"): _decode_job(v, latent_px)
+             for b in backends for k, v in (("teacher", teacher_vae), ("slim", slim))},
+            runs, 1, "VAE timing, study tile")
     if sd15:
-        for key, v in bar((("teacher", sd_teacher), ("slim", sd_slim)), desc="sd15-width VAE timing"):
-            real = AutoencoderKL(**{k: x for k, x in v.config.items() if not k.startswith("_")}).eval()
-            for backend in ("torch", "onnxruntime"):
-                row = out.setdefault(f"sd15_{backend}", {}).setdefault(key, {})
-                row["decode_ms"] = decode_latency(real, 64, backend, threads, sd15_runs, workdir,
-                                                  f"sd15_{key}_{backend}", warmup=1)
-            out["sd15_torch"][key]["encode_ms"] = encode_latency(real, 512, "torch", threads, sd15_runs, workdir,
-                                                                 f"sd15_{key}_enc", warmup=1)
-            del real
+        real = {"teacher": _storage(sd_teacher).eval(), "slim": _storage(sd_slim).eval()}
+        jobs = {(b, "sd15", k, "decode"): _decode_job(v, 64) for b in backends for k, v in real.items()}
+        jobs |= {("torch", "sd15", k, "encode"): _encode_job(v, 512) for k, v in real.items()}
+        measure(jobs, sd15_runs, 0, "VAE timing, SD-1.5 tile")
+        del real, jobs
     out["provenance"] = {"threads": threads, "runs": runs, "batch": 1, **({"sd15_runs": sd15_runs} if sd15 else {}),
+                         "timing": "interleaved rounds in shuffled order, per width; median over rounds",
                          "tiles": f"{latent_px}x{latent_px} latent (study), 64x64 latent / 512 px (SD-1.5)"}
     return out

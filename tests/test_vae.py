@@ -196,6 +196,34 @@ def test_sd15_style_timing_makes_exactly_the_warm_up_and_runs_asked_for(smoke_te
         hook.remove()
 
 
+def test_costs_time_both_vaes_in_interleaved_rounds(smoke_teacher, tmp_path):
+    """Teacher and slim are timed round by round, not one after the other, so a slow phase of the machine
+    cannot land on one of them only; the study tile warms up each round, the SD tile only in round 1."""
+    slim, _ = vae.build(smoke_teacher.vae, "w1/2-l1-na")
+    log = []
+    def timed_call(name):  # torch calls only: ONNX export traces the module through torch too
+        return lambda *_: None if torch.onnx.is_in_onnx_export() else log.append(name)
+
+    hooks = [m.decoder.register_forward_hook(timed_call(name))
+             for name, m in (("teacher", smoke_teacher.vae), ("slim", slim))]
+    try:
+        out = vae.costs(smoke_teacher.vae, slim, smoke_teacher.vae, slim, 8, threads=1, runs=3,
+                        workdir=tmp_path, sd15=True, sd15_runs=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    # torch decodes: study tile 3 rounds x (warm-up + timed), then SD tile 2 rounds x 1
+    assert log.count("teacher") == log.count("slim") == 3 * 2 + 2
+    study = "".join(n[0] for n in log[:12])  # t and s, in call order
+    assert study.strip("t").strip("s") and study.strip("s").strip("t"), study  # neither t..ts..s nor s..st..t
+    assert set(out) == {"embedded_torch", "embedded_onnxruntime", "sd15_torch", "sd15_onnxruntime", "provenance"}
+    assert set(out["sd15_torch"]["teacher"]) == {"decode_ms", "encode_ms"}
+    assert all(ms > 0 for k, models in out.items() if k != "provenance"
+               for m in models.values() for ms in m.values())
+    assert out["sd15_torch"]["teacher"]["decode_ms"] > out["sd15_torch"]["slim"]["decode_ms"]  # 512-px tile
+    assert out["provenance"]["sd15_runs"] == 2 and "interleaved" in out["provenance"]["timing"]
+
+
 def test_the_choice_table(smoke_teacher, crops, tmp_path):
     frame, slims = vae.measure_options(
         smoke_teacher.vae, crops[:-4], crops[-4:], steps=2, batch_size=4, lr=1e-3,
