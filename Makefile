@@ -19,17 +19,29 @@ WARM := import importlib, pkgutil, nanosd_lib; \
 	[importlib.import_module("nanosd_lib." + m.name) for m in pkgutil.iter_modules(nanosd_lib.__path__)]; \
 	import dvc.cli, dvc.repo, ipykernel.kernelapp, nbval.plugin, papermill, pytest, torch.distributed.run
 
-.PHONY: setup repro test unit nbval check-reports clean-nbval refresh-notebooks
+.PHONY: setup lock repro test unit nbval check-reports clean-nbval refresh-notebooks
 
 setup: $(STAMP)
 
+# pip unpacks wheels on one core, and the torch build here brings about 6 GB of files, half of them
+# NVIDIA's CUDA libraries. The set-up installs requirements.lock (every distribution, pinned) without
+# resolving, in two pip processes at once: the CUDA libraries in one, everything else in the other. The
+# plain install of requirements.txt after it finds everything in place (and installs whatever a stale
+# lock missed); `pip check` confirms that no dependency is missing.
+CUDA_LIBS := ^nvidia-
+LOCKED := $(BIN)/pip install --quiet --no-compile --no-deps --no-warn-conflicts
+
 # The venv is rebuilt only when the pins or the package metadata change.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	grep -E '$(CUDA_LIBS)' requirements.lock > $(VENV)/lock-cuda.txt
+	grep -vE '$(CUDA_LIBS)|^#' requirements.lock > $(VENV)/lock-rest.txt
+	$(LOCKED) -r $(VENV)/lock-cuda.txt & $(LOCKED) -r $(VENV)/lock-rest.txt && wait $$!
 	$(BIN)/pip install --quiet --no-compile -r requirements.txt
 	$(BIN)/pip install --quiet --no-compile --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	$(BIN)/python -c '$(KERNEL)' & $(BIN)/python -c '$(WARM)' && wait $$!
 	touch $@
 
@@ -41,6 +53,15 @@ test: setup unit nbval
 
 unit:
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# After changing requirements.txt: resolve it in a scratch venv and write every version to requirements.lock.
+lock:
+	rm -rf build/lock && $(PYTHON) -m venv build/lock
+	build/lock/bin/pip install --quiet --no-compile -r requirements.txt
+	{ echo "# Every distribution the set-up installs, at the version pip resolved from requirements.txt (Python 3.11,"; \
+	  echo "# x86_64). Written by \`make lock\`; rewrite it after changing requirements.txt."; \
+	  build/lock/bin/pip freeze --exclude-editable; } > requirements.lock
+	rm -rf build/lock
 
 # Every notebook at the smoke scale, in stage order; outputs go to build/nbval, never to DVC outputs.
 nbval: clean-nbval
