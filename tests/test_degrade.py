@@ -6,7 +6,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from nanosd_lib import data as study_data, degrade
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
 
 
 def photo(size: int = 256) -> torch.Tensor:

@@ -4,7 +4,7 @@ from skimage import data
 
 from nanosd_lib import tiling
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
 TILE, OVERLAP = 128, 32  # the study's 512 / 128 at a quarter of the size
 
 

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 
 from nanosd_lib import data, quality, training, vae
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
 
 
 @pytest.fixture(scope="module")
