@@ -26,15 +26,6 @@ def study_root():
     return STUDY
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Small tests run on one thread, so they do not crowd other jobs on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def smoke_teacher():
     """A freshly built smoke-scale teacher (untrained): SD-1.5 topology at tiny width."""

@@ -9,9 +9,6 @@ from nanosd_lib import baselines, data, distill, space, student, surgery, traini
 from nanosd_lib.baseline import SD15_UNET, count_params
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def latents(smoke_teacher):
     """As test_distill's fixture, from photos bundled with scikit-image (no corpus needed)."""

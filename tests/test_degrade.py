@@ -6,8 +6,6 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from nanosd_lib import data as study_data, degrade
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
-
 
 def photo(size: int = 256) -> torch.Tensor:
     return torch.from_numpy(data.astronaut()[:size, :size]).permute(2, 0, 1)[None] / 255.0

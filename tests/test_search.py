@@ -17,9 +17,6 @@ SEEDS = (0, 1, 2)  # EHVI must lead random on every seed
 CONFIG = search.SearchConfig(budget=24, n_init=6, q=3)  # 6 random, then 6 rounds of 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 class Counted:
     """BraninCurrin's values for the modelled columns, counting how often the search asks."""
 

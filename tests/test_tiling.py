@@ -4,7 +4,6 @@ from skimage import data
 
 from nanosd_lib import tiling
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
 TILE, OVERLAP = 128, 32  # the study's 512 / 128 at a quarter of the size
 
 

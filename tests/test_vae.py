@@ -9,8 +9,6 @@ from diffusers import AutoencoderKL
 
 from nanosd_lib import data, quality, training, vae
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped: the rest of the suite keeps 2 threads
-
 
 @pytest.fixture(scope="module")
 def crops():
