@@ -33,7 +33,9 @@ def test_int8_runs_close_to_fp32_with_under_half_the_weight_bytes(quantized):
     ops = {n.op_type for n in onnx.load(str(q["int8"])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
     assert result["output_shape"] == [1, 4, 8, 8]
-    assert result["psnr_worst_db"] > 30  # measured at smoke: ~37-39 dB; per-tensor 36.8
+    # measured at smoke: 37-39 dB on a Xeon with VNNI; 35.6 dB on an AVX2-only EPYC, where 8-bit weights
+    # (reduce_range off) saturate ONNX Runtime's int8 kernels and gave 24.4 dB
+    assert q["reduce_range"] and result["psnr_worst_db"] > 30
     assert q["int8_weight_bytes"] < 0.5 * q["fp32_weight_bytes"]  # measured: 0.36
     assert result["fp32_ms"] > 0 and result["int8_ms"] > 0
 
