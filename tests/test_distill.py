@@ -1,6 +1,5 @@
 """Distillation on a smoke-scale teacher: real models, real subprocesses, real torchrun."""
 import json
-import os
 import signal
 import subprocess
 import sys
