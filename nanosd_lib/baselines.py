@@ -8,7 +8,8 @@ steps. Stage 07 stands one of each beside the family, plus a same-size control:
   logged student <- teacher map, and trained by whole-model KD as BK-SDM is.
 - **uniform**: the teacher's full topology with every width scaled by one factor, so that its
   parameter count matches a target (a family member's); trained by KD from a random start.
-- **step_reduced**: the teacher itself, sampled with as few steps as make it no slower per image.
+- **step_reduced**: the teacher itself, sampled with the whole number of steps whose time per image is
+  nearest a family member's.
 
 Whole-model KD is `distill.heal`: task loss + output KD + feature KD at the stage outputs, every term
 logged; `kd_pairs` says which feature pairs a model can be matched at.
@@ -219,14 +220,17 @@ def kd_train_together(students: dict, teacher_unet, data: LatentSet, steps: int,
 # ---------------------------------------------------------------- fewer steps
 
 def step_reduced(teacher_steps: int, teacher_ms: float, target_ms: float) -> int:
-    """Steps at which the teacher costs no more per image than the target at `teacher_steps` steps.
+    """Steps at which the teacher's time per image is nearest the target's at `teacher_steps` steps.
 
     `teacher_ms` and `target_ms` are each model's time per U-Net evaluation, and both sample with the
     same scheduler; the image costs steps x evaluation time. Classifier-free guidance doubles both
     sides (two evaluations or a doubled batch per step), so pass the times for the same guidance
-    setting and the factor cancels. Never fewer than 1 step, never more than `teacher_steps`."""
+    setting and the factor cancels. Steps are whole, so the match is rounded to the nearest step (an
+    exact half goes up): rounding down always would give the baseline up to a whole step's time less
+    than the target, rounding up up to a step more. Never fewer than 1 step, never more than
+    `teacher_steps`."""
     if teacher_steps < 1 or teacher_ms <= 0 or target_ms <= 0:
         raise ValueError(f"step_reduced: need teacher_steps >= 1 and positive times, got "
                          f"teacher_steps={teacher_steps}, teacher_ms={teacher_ms}, target_ms={target_ms}")
     budget = teacher_steps * target_ms  # the target's time per image
-    return max(1, min(teacher_steps, math.floor(budget / teacher_ms + 1e-9)))  # 1e-9: float ties
+    return max(1, min(teacher_steps, math.floor(budget / teacher_ms + 0.5 + 1e-9)))  # 1e-9: float ties

@@ -191,10 +191,12 @@ def test_kd_from_a_pool_runs_the_teacher_once_per_pooled_batch_and_still_learns(
 
 def test_step_reduced():
     assert baselines.step_reduced(50, 100.0, 40.0) == 20
-    assert baselines.step_reduced(25, 30.0, 10.0) == 8  # 8.33 rounds down: never slower than the target
+    assert baselines.step_reduced(25, 30.0, 10.0) == 8  # 8.33: the nearest whole step
+    assert baselines.step_reduced(8, 19.6, 4.73) == 2  # 1.93: one step would cost half the target's time
+    assert baselines.step_reduced(6, 40.0, 10.0) == 2  # 1.5: a half goes up
     assert baselines.step_reduced(4, 100.0, 10.0) == 1  # at least one step
     assert baselines.step_reduced(10, 50.0, 100.0) == 10  # a slower target: the teacher's own steps
-    assert baselines.step_reduced(4, 0.7, 0.7 * 3 / 4) == 3  # 2.9999999999999996 in floating point
+    assert baselines.step_reduced(2, 0.7, 0.7 * 3 / 4) == 2  # 1.4999999999999998 in floating point
     with pytest.raises(ValueError, match="teacher_steps >= 1"):
         baselines.step_reduced(0, 1.0, 1.0)
     assert [b.name for b in baselines.BASELINES] == ["bk_tiny", "uniform", "step_reduced"]
