@@ -153,6 +153,8 @@ class SlimVae(Section):
     w_perceptual: float = _f("weight of lpips_mnv2", ge=0)
     w_decoder: float = _f("weight of decoder match on the teacher's latents", ge=0)
     latents: int = _f("generated latents per U-Net for the compatibility check", ge=2)
+    train_latents: int = _f("teacher-generated latents (other noise) the decoder match also trains on; 0: "
+                            "the teacher's encodings of photo crops only", ge=0)
     runs: int = _f("interleaved timing rounds at the study's width (a warm-up and a timed call of each "
                    "VAE per round), median kept", ge=1)
     sd15_timing: bool = _f("also time both VAEs at SD-1.5 width (random weights, ~2 min)")

@@ -130,11 +130,24 @@ class LossWeights:
 TERMS = ("latent", "kl", "recon", "perceptual", "decoder")
 
 
-def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights) -> dict[str, torch.Tensor]:
+def _latent_crops(latents: torch.Tensor, n: int, size: tuple[int, int], generator) -> torch.Tensor:
+    """`n` random windows of `size` from random rows of `latents` (the whole latent if it is smaller)."""
+    rows = latents[torch.randint(len(latents), (n,), generator=generator)]
+    h, w = min(size[0], rows.shape[-2]), min(size[1], rows.shape[-1])
+    top = torch.randint(rows.shape[-2] - h + 1, (n,), generator=generator).tolist()
+    left = torch.randint(rows.shape[-1] - w + 1, (n,), generator=generator).tolist()
+    return torch.stack([r[:, i:i + h, j:j + w] for r, i, j in zip(rows, top, left)])
+
+
+def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights,
+           latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         t_post = teacher_vae.encode(x).latent_dist
         z_t = t_post.sample(generator=generator)  # as the U-Net's training latents were drawn
         t_image = teacher_vae.decode(z_t).sample
+        if latents is not None:  # pipeline units: each decoder divides by its own scaling factor
+            z_g = _latent_crops(latents, len(x), z_t.shape[-2:], generator)
+            t_gen = teacher_vae.decode(z_g / teacher_vae.config.scaling_factor).sample
     post = slim.encode(x).latent_dist
     recon = slim.decode(post.sample(generator=generator)).sample
     scale = teacher_vae.config.scaling_factor  # in U-Net units the latent term means the same at any scale
@@ -147,13 +160,19 @@ def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights) -> dict[s
             out["perceptual"] = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and weights.decoder > 0):
         out["decoder"] = (slim.decode(z_t).sample - t_image).abs().mean()
+        if latents is not None:  # and on what a U-Net generates, at the same weight
+            out["decoder"] = out["decoder"] + (slim.decode(z_g / slim.config.scaling_factor).sample - t_gen).abs().mean()
     return out
 
 
 def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor, steps: int,
             batch_size: int, lr: float, weights: LossWeights, generator: torch.Generator,
-            net=None) -> list[dict]:
+            net=None, latents: torch.Tensor | None = None) -> list[dict]:
     """Train the slim VAE on [-1, 1] `crops` against the teacher, on the weighted sum of five terms.
+
+    The decoder term matches the two decoders (L1) on the teacher's encodings of the crops and, with
+    `latents` (a U-Net's samples, in pipeline units), adds the same on random windows of those as large
+    as the crops' latents: a U-Net's latents need not look like a photo's encodings.
 
     Every term is computed and logged each step. A term of weight 0 is left out of the loss (the
     perceptual and decoder terms are then computed without gradients); with `net=None` the perceptual
@@ -171,7 +190,7 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
     log = []
     for step in bar(range(steps), desc="slim vae"):
         x = crops[torch.randint(len(crops), (batch_size,), generator=generator)]
-        terms = _terms(teacher_vae, slim, x, generator, net, weights)
+        terms = _terms(teacher_vae, slim, x, generator, net, weights, latents)
         loss = sum(getattr(weights, k) * v for k, v in terms.items() if getattr(weights, k) > 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,14 +306,15 @@ def tile_share(unet_ms: float, decode_ms: float) -> float:
 def measure_options(teacher_vae: AutoencoderKL, crops: torch.Tensor, eval_images: torch.Tensor,
                     steps: int, batch_size: int, lr: float, weights: LossWeights, seed: int,
                     latent_px: int, backend: str, threads: int, runs: int, workdir: str | Path,
-                    net=None, latents: torch.Tensor | None = None, names: list[str] | None = None):
+                    net=None, latents: torch.Tensor | None = None, names: list[str] | None = None,
+                    train_latents: torch.Tensor | None = None):
     """One row per option (and the teacher): parameters, decode ms at `latent_px`, round-trip quality on
     `eval_images` and latent compatibility after `steps` of distillation.
 
     Compatibility is measured on `latents` (e.g. a U-Net's, in pipeline units) or else on the teacher's
-    latents of `eval_images`. Each option trains on the same batches (one seed). An option whose config
-    equals an earlier one at this width (e.g. `-l1` on a one-layer teacher) is not retrained: its row
-    repeats that one's, with `same_as` naming it. Returns (DataFrame, {name: distilled slim VAE}).
+    latents of `eval_images`. Each option trains on the same batches (one seed), with `train_latents`
+    as `distill` takes them. An option whose config equals an earlier one at this width (e.g. `-l1` on
+    a one-layer teacher) is not retrained: its row repeats that one's, with `same_as` naming it. Returns (DataFrame, {name: distilled slim VAE}).
     """
     import pandas as pd
 
@@ -315,7 +335,7 @@ def measure_options(teacher_vae: AutoencoderKL, crops: torch.Tensor, eval_images
             continue
         slim, _ = build(teacher_vae, n)
         log = distill(teacher_vae, slim, crops, steps, batch_size, lr, weights,
-                      torch.Generator().manual_seed(seed), net)
+                      torch.Generator().manual_seed(seed), net, train_latents)
         compat = latent_compat(teacher_vae, slim, latents, net)
         rows.append({"option": n, **params(slim),
                      "decode_ms": decode_latency(slim, latent_px, backend, threads, runs, workdir,

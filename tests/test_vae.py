@@ -124,6 +124,30 @@ def test_distillation_lowers_reconstruction_and_decoder_match(young_teacher, cro
     assert after[0] > before[0] + 0.25 and after[1] > before[1] + 3, (before, after)
 
 
+def test_generated_latents_teach_the_decoder_where_photo_encodings_do_not_reach(young_teacher, crops):
+    """A U-Net's samples need not look like a photo's encodings. Stand-ins far from them (smooth noise
+    at twice the encodings' spread): matching the decoders on windows of such latents as well must
+    bring the slim decoder closer to the teacher's on unseen ones than the encodings alone do."""
+    teacher = young_teacher
+    with torch.no_grad():
+        spread = (teacher.encode(crops).latent_dist.mean * teacher.config.scaling_factor).std()
+    g = torch.Generator().manual_seed(3)
+    far = torch.nn.functional.avg_pool2d(torch.randn(48, 4, 12, 12, generator=g), 3, 1, 1) * 3 * 2 * spread
+    train, unseen = far[:32], far[32:, :, :8, :8]
+    windows = vae._latent_crops(train, 5, (4, 4), torch.Generator().manual_seed(0))
+    assert windows.shape == (5, 4, 4, 4) and any(torch.equal(w, r[:, i:i + 4, j:j + 4]) for w in windows[:1]
+                                                   for r in train for i in range(9) for j in range(9))
+    weights = vae.LossWeights(latent=1.0, kl=0.0, recon=1.0, perceptual=0.0, decoder=1.0)
+    compat = {}
+    for name, extra in {"encodings": None, "with generated": train}.items():
+        slim, _ = vae.build(teacher, "w1/2")
+        log = vae.distill(teacher, slim, crops, steps=30, batch_size=8, lr=3e-3, weights=weights,
+                          generator=torch.Generator().manual_seed(0), latents=extra)
+        assert all(math.isfinite(r["decoder"]) for r in log)
+        compat[name] = vae.latent_compat(teacher, slim, unseen)["psnr"]
+    assert compat["with generated"] > compat["encodings"] + 1.0, compat
+
+
 def test_a_zero_weight_is_logged_but_not_optimised(smoke_teacher, crops, net):
     """Latent match alone trains the encoder only: had the zero-weight reconstruction, perceptual or
     decoder terms joined the loss, the decoder would have moved."""
