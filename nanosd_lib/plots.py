@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib import ticker
+import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
@@ -117,8 +118,6 @@ def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[s
     """Named models (index) in the three pairwise projections of `objectives`, marked by role ('teacher',
     'member' or 'baseline'), each labelled once. Latency and parameters span decades, so those axes are
     logarithmic; quality (a kernel distance, possibly slightly negative) is on a symlog axis."""
-    import numpy as np
-
     together = _one_label_per_point({n: tuple(models.loc[n, objectives]) for n in models.index})
     pairs = [(0, 1), (0, 2), (1, 2)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
@@ -132,8 +131,6 @@ def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[s
             if names:
                 ax.scatter(models.loc[names, x], models.loc[names, y], label=role,
                            **{"s": 60, **style, "zorder": 3})
-        for label, point in together.items():
-            ax.annotate(label, (point[i], point[j]), fontsize=8, xytext=(5, 3), textcoords="offset points")
         for axis, col in (("x", x), ("y", y)):
             if col == objectives[0]:
                 getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh, linscale=0.5)
@@ -143,11 +140,50 @@ def model_projections(models: pd.DataFrame, objectives: list[str], roles: dict[s
                 getattr(ax, f"{axis}axis").set_major_formatter(ticker.FuncFormatter(_short))
                 getattr(ax, f"{axis}axis").set_minor_formatter(ticker.NullFormatter())
         ax.set(xlabel=x, ylabel=y)
+        ax.margins(0.1)  # room for a label beside a marker on the edge
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()  # the axes' final size first: label placement works in pixels
+    for ax, (i, j) in zip(axes, pairs):
+        _place_labels(ax, {label: (point[i], point[j]) for label, point in together.items()})
     fig.tight_layout()
     return fig
+
+
+# Where a label may sit, in points from its marker: beside it (right, then left), then a line higher.
+LABEL_OFFSETS = ((5, 3), (5, -11), (-5, 3), (-5, -11), (5, 13), (-5, 13))
+MARKER_PX = 6  # half the width a marker covers, in pixels
+
+
+def _place_labels(ax, where: dict[str, tuple[float, float]]):
+    """Name each point {label: (x, y)} on the first side of its marker where the text covers no other
+    label or marker and stays inside the axes (else on the first side): two members a few pixels apart
+    would otherwise print over each other."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    px = {label: ax.transData.transform(xy) for label, xy in where.items()}
+    markers = {label: Bbox.from_extents(u - MARKER_PX, v - MARKER_PX, u + MARKER_PX, v + MARKER_PX)
+               for label, (u, v) in px.items()}
+    placed = []
+
+    def put(label, offset):
+        return ax.annotate(label, where[label], fontsize=8, xytext=offset, textcoords="offset points",
+                           ha="left" if offset[0] > 0 else "right")
+
+    def fits(label, offset):
+        text = put(label, offset)
+        box = text.get_window_extent(renderer)
+        text.remove()
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        others = placed + [b for name, b in markers.items() if name != label]
+        return inside and not any(box.overlaps(b) for b in others)
+
+    for label in sorted(where, key=lambda name: (-px[name][1], px[name][0])):  # top to bottom
+        offset = next((o for o in LABEL_OFFSETS if fits(label, o)), LABEL_OFFSETS[0])
+        placed.append(put(label, offset).get_window_extent(renderer))
 
 
 def front_projections(points: pd.DataFrame, objectives: list[str], marks: dict[str, str], title: str):

@@ -30,6 +30,24 @@ def test_model_projections_marks_roles_labels_each_model_once_and_uses_log_axes(
         plots.model_projections(models, ["quality", "latency_ms", "missing"], roles, "t")
 
 
+def test_labels_of_nearby_models_do_not_cover_each_other():
+    """Prime and Latency a few pixels apart (as in the committed figure): each label moves to a free side."""
+    models = pd.DataFrame({"quality": [-0.004, 0.0051, 0.0065, 0.025, 0.3],
+                           "latency_ms": [249.0, 46.0, 40.0, 161.0, 153.0],
+                           "params": [8.6e6, 1.16e6, 1.12e6, 3.24e6, 1.25e6]},
+                          index=["teacher", "prime", "latency = params", "bk_tiny", "uniform"])
+    roles = {"teacher": "teacher", "prime": "member", "latency = params": "member", "bk_tiny": "baseline",
+             "uniform": "baseline"}
+    fig = plots.model_projections(models, ["quality", "latency_ms", "params"], roles, "t")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+        assert len(boxes) == 5
+        clashes = [(a, b) for a in boxes for b in boxes if a < b and boxes[a].overlaps(boxes[b])]
+        assert not clashes, (ax.get_xlabel(), ax.get_ylabel(), clashes)
+
+
 def test_models_on_one_point_share_one_label_and_ticks_stay_few():
     """The search may pick one architecture for two roles: one label, "latency = params", not two
     labels printed over each other; log axes over less than a decade label 1, 2 and 5 only."""
