@@ -81,6 +81,12 @@ def sd15_on_meta() -> dict[str, torch.nn.Module]:
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
 
 
+def model_config(config) -> dict:
+    """A diffusers config as constructor arguments: without the `_class_name`, `_diffusers_version`
+    and other bookkeeping keys that `save_pretrained` adds."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def count_params(module: torch.nn.Module) -> int:
     """diffusers' `num_parameters()`, also for a plain nn.Module such as one stage of a U-Net."""
     from diffusers import ModelMixin

@@ -24,7 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from . import distill, surgery
-from .baseline import count_params
+from .baseline import count_params, model_config
 from .training import LatentSet
 
 
@@ -106,7 +106,7 @@ def bk_tiny(teacher_unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, l
 
 def _config(teacher_config) -> dict:
     surgery.check_teacher(teacher_config)
-    return {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    return model_config(teacher_config)
 
 
 def width_units(teacher_config) -> tuple[int, ...]:

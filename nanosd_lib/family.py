@@ -178,7 +178,8 @@ def same_as(unets: dict) -> dict[str, str]:
             out[name] = rep
         else:
             out[name] = name
-            first.setdefault(arch, name)
+            if arch is not None:
+                first.setdefault(arch, name)
     return out
 
 
@@ -294,7 +295,8 @@ def describe_members(members: dict, base, students_dir: Path, family_dir: Path, 
     with tempfile.TemporaryDirectory() as tmp:
         measured = time_models("onnxruntime", nets, inputs, threads, Path(tmp)).set_index("model")
     rows = {name: {"id": a.id, "layers": a.describe(), "quality": float(members[name]["quality"]),
-                   "table_ms": predict_ms(latency_table, a), "measured_ms_onnxruntime": float(measured.measured_ms[name]),
+                   "table_ms": predict_ms(latency_table, a),
+                   "measured_ms_onnxruntime": float(measured.measured_ms[name]),
                    "params": int(members[name]["params"]), "sd15_params": int(members[name]["sd15_params"])}
             for name, a in archs.items()}
     return pd.DataFrame.from_dict(rows, orient="index")

@@ -10,9 +10,10 @@ Choices, and why:
   `reduce_range`). On x86 CPUs without VNNI (AVX2 only, e.g. AMD EPYC Zen 3) ONNX Runtime multiplies
   uint8 activations by int8 weights with an instruction whose int16 sums saturate: there the smoke
   test's worst PSNR fell from ~37 dB to 24.4 dB with 8-bit weights, and was 35.6 dB with 7-bit ones
-  (35.6 dB with uint8 weights too). 7 bits give the same model, and the same accuracy, on every CPU. The filters of one layer can differ
-  widely in range once trained; one scale per tensor would spend the levels on the largest. (On the
-  untrained smoke model per-channel and per-tensor scored alike: 36.6 vs 36.8 dB.)
+  (35.6 dB with uint8 weights too). 7 bits give the same model, and the same accuracy, on every CPU.
+  The filters of one layer can differ widely in range once trained; one scale per tensor would spend
+  the levels on the largest. (On the untrained smoke model per-channel and per-tensor scored alike:
+  36.6 vs 36.8 dB.)
 - Activations: uint8, asymmetric. After SiLU and softmax they are far from symmetric around 0, and a
   zero point spends the 256 levels on the range actually used. Min-max calibration: the U-Net's
   outputs feed a sampler that is sensitive to clipped extremes.

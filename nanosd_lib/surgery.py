@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from .baseline import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS, count_params
+from .baseline import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS, count_params, model_config
 
 # Stage -> (module in the teacher, layer pattern, fate). R = resnet, A = transformer (attention).
 STAGE_MAP = {
@@ -54,7 +54,7 @@ def check_teacher(config) -> None:
 def base_config(teacher_config) -> dict:
     """The pruned base's config: the teacher's, minus the deepest stage and the mid block."""
     check_teacher(teacher_config)
-    cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    cfg = model_config(teacher_config)
     cfg["down_block_types"] = tuple(cfg["down_block_types"][:3])
     cfg["up_block_types"] = tuple(cfg["up_block_types"][1:])
     cfg["block_out_channels"] = tuple(cfg["block_out_channels"][:3])

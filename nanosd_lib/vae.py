@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from .baseline import SD15_VAE, count_params
+from .baseline import SD15_VAE, count_params, model_config
 from .data import to_unit
 from .latency import host_call, interleaved_timings, median_ms, time_callable, torch_threads
 from .progress import bar
@@ -52,7 +52,7 @@ def slim_config(teacher_config, name: str) -> dict:
     Everything else (latent channels, scaling factor, block types, so the factor 8) stays the teacher's.
     """
     opt = option(name)
-    cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    cfg = model_config(teacher_config)
     widths = [_scaled(w, opt.width, "width", name) for w in cfg["block_out_channels"]]
     groups = _scaled(cfg["norm_num_groups"], opt.groups, "GroupNorm groups", name)
     for w in widths:
@@ -140,13 +140,13 @@ def _latent_crops(latents: torch.Tensor, n: int, size: tuple[int, int], generato
 
 
 def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights,
-           latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+           train_latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         t_post = teacher_vae.encode(x).latent_dist
         z_t = t_post.sample(generator=generator)  # as the U-Net's training latents were drawn
         t_image = teacher_vae.decode(z_t).sample
-        if latents is not None:  # pipeline units: each decoder divides by its own scaling factor
-            z_g = _latent_crops(latents, len(x), z_t.shape[-2:], generator)
+        if train_latents is not None:  # pipeline units: each decoder divides by its own scaling factor
+            z_g = _latent_crops(train_latents, len(x), z_t.shape[-2:], generator)
             t_gen = teacher_vae.decode(z_g / teacher_vae.config.scaling_factor).sample
     post = slim.encode(x).latent_dist
     recon = slim.decode(post.sample(generator=generator)).sample
@@ -160,18 +160,19 @@ def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights,
             out["perceptual"] = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and weights.decoder > 0):
         out["decoder"] = (slim.decode(z_t).sample - t_image).abs().mean()
-        if latents is not None:  # and on what a U-Net generates, at the same weight
-            out["decoder"] = out["decoder"] + (slim.decode(z_g / slim.config.scaling_factor).sample - t_gen).abs().mean()
+        if train_latents is not None:  # and on what a U-Net generates, at the same weight
+            s_gen = slim.decode(z_g / slim.config.scaling_factor).sample
+            out["decoder"] = out["decoder"] + (s_gen - t_gen).abs().mean()
     return out
 
 
 def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor, steps: int,
             batch_size: int, lr: float, weights: LossWeights, generator: torch.Generator,
-            net=None, latents: torch.Tensor | None = None) -> list[dict]:
+            net=None, train_latents: torch.Tensor | None = None) -> list[dict]:
     """Train the slim VAE on [-1, 1] `crops` against the teacher, on the weighted sum of five terms.
 
     The decoder term matches the two decoders (L1) on the teacher's encodings of the crops and, with
-    `latents` (a U-Net's samples, in pipeline units), adds the same on random windows of those as large
+    `train_latents` (a U-Net's samples, in pipeline units), adds the same on random windows of those as large
     as the crops' latents: a U-Net's latents need not look like a photo's encodings.
 
     Every term is computed and logged each step. A term of weight 0 is left out of the loss (the
@@ -190,7 +191,7 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
     log = []
     for step in bar(range(steps), desc="slim vae"):
         x = crops[torch.randint(len(crops), (batch_size,), generator=generator)]
-        terms = _terms(teacher_vae, slim, x, generator, net, weights, latents)
+        terms = _terms(teacher_vae, slim, x, generator, net, weights, train_latents)
         loss = sum(getattr(weights, k) * v for k, v in terms.items() if getattr(weights, k) > 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -269,7 +270,7 @@ def _storage(vae: AutoencoderKL) -> AutoencoderKL:
     """`vae`, or for a meta-device VAE (`sd15_pair`) the same config with random weights: timing needs
     storage, not trained values."""
     if any(p.is_meta for p in vae.parameters()):
-        return AutoencoderKL(**{k: v for k, v in vae.config.items() if not k.startswith("_")})
+        return AutoencoderKL(**model_config(vae.config))
     return vae
 
 
@@ -314,7 +315,8 @@ def measure_options(teacher_vae: AutoencoderKL, crops: torch.Tensor, eval_images
     Compatibility is measured on `latents` (e.g. a U-Net's, in pipeline units) or else on the teacher's
     latents of `eval_images`. Each option trains on the same batches (one seed), with `train_latents`
     as `distill` takes them. An option whose config equals an earlier one at this width (e.g. `-l1` on
-    a one-layer teacher) is not retrained: its row repeats that one's, with `same_as` naming it. Returns (DataFrame, {name: distilled slim VAE}).
+    a one-layer teacher) is not retrained: its row repeats that one's, with `same_as` naming it.
+    Returns (DataFrame, {name: distilled slim VAE}).
     """
     import pandas as pd
 

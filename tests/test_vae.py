@@ -144,7 +144,7 @@ def test_generated_latents_teach_the_decoder_where_photo_encodings_do_not_reach(
     for name, extra in {"encodings": None, "with generated": train}.items():
         slim, _ = vae.build(teacher, "w1/2")
         log = vae.distill(teacher, slim, crops, steps=30, batch_size=8, lr=3e-3, weights=weights,
-                          generator=torch.Generator().manual_seed(0), latents=extra)
+                          generator=torch.Generator().manual_seed(0), train_latents=extra)
         assert all(math.isfinite(r["decoder"]) for r in log)
         compat[name] = vae.latent_compat(teacher, slim, unseen)["psnr"]
     assert compat["with generated"] > compat["encodings"] + 1.0, compat
