@@ -238,8 +238,6 @@ def profile_modules(base, inputs: dict[str, torch.Tensor], cache_path: str | Pat
     return device_table(cache_path, context)
 
 
-
-
 def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, workdir: str | Path,
                    calibration_prompts: int, steps: int, seed: int, sd15_config: dict | None = None) -> str:
     """Every family member on SM8750, fp32 and INT8, at SD-1.5 width (random weights; built one at a

@@ -191,19 +191,24 @@ def front_projections(points: pd.DataFrame, objectives: list[str], marks: dict[s
     from .search import pareto_mask
 
     on_front = pareto_mask(points[objectives].to_numpy())
+    starred = _one_label_per_point(marks)
+    rows = {arch_id: points[points.id == arch_id].iloc[0] for arch_id in starred.values()}
     pairs = [(0, 1), (0, 2), (1, 2)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (i, j) in zip(axes, pairs):
         x, y = objectives[i], objectives[j]
         ax.scatter(points[x][~on_front], points[y][~on_front], s=12, c="lightgrey", label="evaluated")
         ax.scatter(points[x][on_front], points[y][on_front], s=18, c="tab:blue", label="3-D front")
-        for names, arch_id in _one_label_per_point(marks).items():
-            row = points[points.id == arch_id].iloc[0]
+        for row in rows.values():
             ax.scatter(row[x], row[y], s=120, marker="*", c="crimson", zorder=3)
-            ax.annotate(f"{names} {arch_id}", (row[x], row[y]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
         ax.set(xlabel=x, ylabel=y)
+        ax.margins(0.1)  # room for a label beside a star on the edge
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()  # the axes' final size first: label placement works in pixels
+    for ax, (i, j) in zip(axes, pairs):  # only the starred members are obstacles, not every grey dot
+        x, y = objectives[i], objectives[j]
+        _place_labels(ax, {f"{names} {arch_id}": (rows[arch_id][x], rows[arch_id][y])
+                           for names, arch_id in starred.items()})
     fig.tight_layout()
     return fig

@@ -5,6 +5,7 @@ matplotlib.use("Agg")
 
 import re  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -46,6 +47,27 @@ def test_labels_of_nearby_models_do_not_cover_each_other():
         assert len(boxes) == 5
         clashes = [(a, b) for a in boxes for b in boxes if a < b and boxes[a].overlaps(boxes[b])]
         assert not clashes, (ax.get_xlabel(), ax.get_ylabel(), clashes)
+
+
+def test_front_labels_of_nearby_members_do_not_cover_each_other():
+    """The committed search's family: Prime e333-d772 sits a few pixels from Latency = Params e333-d774
+    in every projection of the front figure; their labels must not print over each other."""
+    marks = {"latency": "e333-d774", "params": "e333-d774", "prime": "e333-d772"}
+    rng = np.random.default_rng(0)  # grey evaluated points around them: not obstacles for the labels
+    points = pd.DataFrame({"id": ["e333-d774", "e333-d772"] + [f"x{i}" for i in range(40)],
+                           "quality": [-0.0067, -0.0188, *rng.uniform(-0.03, 0.3, 40)],
+                           "latency_ms": [4.17, 4.43, *rng.uniform(4.0, 12.0, 40)],
+                           "params": [1.086e6, 1.138e6, *rng.uniform(1.0e6, 4.0e6, 40)]})
+    fig = plots.front_projections(points, ["quality", "latency_ms", "params"], marks, "t")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+        assert sorted(boxes) == ["latency = params e333-d774", "prime e333-d772"]
+        a, b = boxes.values()
+        assert not a.overlaps(b), (ax.get_xlabel(), ax.get_ylabel())
+        assert all(ax.get_window_extent(renderer).contains(*corner) for box in boxes.values()
+                   for corner in box.corners()), (ax.get_xlabel(), ax.get_ylabel())
 
 
 def test_models_on_one_point_share_one_label_and_ticks_stay_few():
