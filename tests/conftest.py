@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ from nanosd_lib import photos, teacher
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "build" / "test-study"  # kept between sessions: the photo corpus takes ~10 s to build
 torch.set_num_threads(2)
+# BoTorch compiles its qLogNEHVI kernel once per environment; `make` keeps it with the venv, and so does
+# a bare `pytest` run inside one (else it would compile it again under the user's cache).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The baselines on a smoke-scale teacher: real tiny models, real photos, a few dozen KD steps."""
 import copy
+import math
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_step_reduced():
     assert [b.name for b in baselines.BASELINES] == ["bk_tiny", "uniform", "step_reduced"]
 
 
-def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_root):
+def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_root, monkeypatch):
     """256 images over 36 prompts leaves some prompts 7 and others 8: caption accuracy must use 7 each."""
     from nanosd_lib import evaluate, quality
 
@@ -212,7 +213,21 @@ def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_
     images = torch.rand(11, 3, 32, 32, generator=g)
     reference, labels = torch.rand(6, 3, 32, 32, generator=g), torch.arange(6) % 3
     teacher_images = torch.rand(11, 3, 32, 32, generator=g)
+    seen = []
+    real = quality.caption_accuracy
+
+    def spy(net_, samples, *args):
+        seen.append(samples)
+        return real(net_, samples, *args)
+
+    monkeypatch.setattr(quality, "caption_accuracy", spy)
     row = evaluate.score(net, images, teacher_images, quality.pooled_features(net, teacher_images), index,
                          reference, labels, seed=0)
-    assert 0.0 <= row["caption_accuracy_mnv2"] <= 1.0
-    assert row["psnr_vs_teacher"] < 20  # different images paired: a real, finite distance
+    (samples,) = seen
+    assert samples.shape == (3, 3, 3, 32, 32)  # 3 prompts x 3 images each: the scarcest prompt's count
+    for i in range(3):  # each prompt's first 3 images, in order
+        torch.testing.assert_close(samples[i], images[index == i][:3])
+    expected = real(net, samples, reference, labels)["accuracy"]
+    assert row["caption_accuracy_mnv2"] == expected
+    # independent uniform images differ by 1/6 in mean square: 10 log10(6) = 7.8 dB
+    assert row["psnr_vs_teacher"] == pytest.approx(10 * math.log10(6), abs=0.5)
