@@ -50,8 +50,8 @@ def test_labels_of_nearby_models_do_not_cover_each_other():
 
 
 def test_front_labels_of_nearby_members_do_not_cover_each_other():
-    """The committed search's family: Prime e333-d772 sits a few pixels from Latency = Params e333-d774
-    in every projection of the front figure; their labels must not print over each other."""
+    """An earlier committed search's family: Prime e333-d772 sat a few pixels from Latency = Params
+    e333-d774 in every projection of the front figure; their labels must not print over each other."""
     marks = {"latency": "e333-d774", "params": "e333-d774", "prime": "e333-d772"}
     rng = np.random.default_rng(0)  # grey evaluated points around them: not obstacles for the labels
     points = pd.DataFrame({"id": ["e333-d774", "e333-d772"] + [f"x{i}" for i in range(40)],
