@@ -31,6 +31,17 @@ def test_model_projections_marks_roles_labels_each_model_once_and_uses_log_axes(
         plots.model_projections(models, ["quality", "latency_ms", "missing"], roles, "t")
 
 
+def label_boxes(fig):
+    """Each axes with its labels' boxes in pixels on the drawn figure, after checking no two overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+        clashes = [(a, b) for a in boxes for b in boxes if a < b and boxes[a].overlaps(boxes[b])]
+        assert not clashes, (ax.get_xlabel(), ax.get_ylabel(), clashes)
+        yield ax, boxes
+
+
 def test_labels_of_nearby_models_do_not_cover_each_other():
     """Prime and Latency a few pixels apart (as in the committed figure): each label moves to a free side."""
     models = pd.DataFrame({"quality": [-0.004, 0.0051, 0.0065, 0.025, 0.3],
@@ -40,13 +51,8 @@ def test_labels_of_nearby_models_do_not_cover_each_other():
     roles = {"teacher": "teacher", "prime": "member", "latency = params": "member", "bk_tiny": "baseline",
              "uniform": "baseline"}
     fig = plots.model_projections(models, ["quality", "latency_ms", "params"], roles, "t")
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax in fig.axes:
-        boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    for ax, boxes in label_boxes(fig):
         assert len(boxes) == 5
-        clashes = [(a, b) for a in boxes for b in boxes if a < b and boxes[a].overlaps(boxes[b])]
-        assert not clashes, (ax.get_xlabel(), ax.get_ylabel(), clashes)
 
 
 def test_front_labels_of_nearby_members_do_not_cover_each_other():
@@ -59,15 +65,11 @@ def test_front_labels_of_nearby_members_do_not_cover_each_other():
                            "latency_ms": [4.17, 4.43, *rng.uniform(4.0, 12.0, 40)],
                            "params": [1.086e6, 1.138e6, *rng.uniform(1.0e6, 4.0e6, 40)]})
     fig = plots.front_projections(points, ["quality", "latency_ms", "params"], marks, "t")
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax in fig.axes:
-        boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    for ax, boxes in label_boxes(fig):
         assert sorted(boxes) == ["latency = params e333-d774", "prime e333-d772"]
-        a, b = boxes.values()
-        assert not a.overlaps(b), (ax.get_xlabel(), ax.get_ylabel())
-        assert all(ax.get_window_extent(renderer).contains(*corner) for box in boxes.values()
-                   for corner in box.corners()), (ax.get_xlabel(), ax.get_ylabel())
+        frame = ax.get_window_extent(fig.canvas.get_renderer())
+        assert all(frame.contains(*corner) for box in boxes.values() for corner in box.corners()), \
+            (ax.get_xlabel(), ax.get_ylabel())
 
 
 def test_models_on_one_point_share_one_label_and_ticks_stay_few():
