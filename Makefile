@@ -4,46 +4,81 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# BoTorch compiles a small C++ kernel for qLogNEHVI on first use (about 25 s on one core): keep it with
-# this venv, so that two checkouts with their own venvs do not rebuild each other's copy. The set-up
-# builds it on one core while the other writes bytecode (below), so neither waits for the other.
+# BoTorch compiles a small C++ kernel for qLogNEHVI on first use (about 40 s of one core): keep it with
+# this venv, so that two checkouts with their own venvs do not rebuild each other's copy. The set-up builds
+# it as soon as torch, ninja and BoTorch's source are unpacked, with BoTorch's own arguments, while the
+# other packages are still being installed; BoTorch's first load then finds the build up to date.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+KERNEL_BUILD := import importlib.util, pathlib; from torch.utils.cpp_extension import load; \
+	src = pathlib.Path(importlib.util.find_spec("botorch").origin).parent / "csrc" / "logei_fused.cpp"; \
+	load(name="logei_fused_ext", sources=[str(src)], extra_cflags=["-O3", "-march=native"], verbose=False)
 KERNEL := from botorch.acquisition.multi_objective.logei import _try_load_fused_kernel; _try_load_fused_kernel()
 # pip would byte-compile all ~22,500 files it installs (about 95 s on 2 cores), most of which the study
 # never imports. The venv is installed without bytecode; the set-up then imports what the study runs
-# (about 5,100 modules, 27 s), which writes their bytecode, and anything else is written on first import.
+# (about 5,100 modules), which writes their bytecode, and anything else is written on first import.
 # PYTHONDONTWRITEBYTECODE would make every process compile those modules again in memory, so the
 # commands make runs go without it.
 unexport PYTHONDONTWRITEBYTECODE
+TOOLS := import dvc.cli, dvc.repo, ipykernel.kernelapp, nbval.plugin, papermill, pytest, \
+	matplotlib.pyplot, pandas, seaborn, scipy.stats, onnx, onnxruntime, pymoo.algorithms.moo.nsga2
 WARM := import importlib, pkgutil, nanosd_lib; \
 	[importlib.import_module("nanosd_lib." + m.name) for m in pkgutil.iter_modules(nanosd_lib.__path__)]; \
-	import dvc.cli, dvc.repo, ipykernel.kernelapp, nbval.plugin, papermill, pytest, torch.distributed.run
+	import torch.distributed.run
 
 .PHONY: setup lock repro test unit nbval check-reports clean-nbval refresh-notebooks
 
-setup: $(STAMP)
-
 # pip unpacks wheels on one core, and the torch build here brings about 6 GB of files: 3.2 GB of NVIDIA's
-# CUDA libraries and 1.2 GB of torch itself. The set-up installs requirements.lock (every distribution,
-# pinned) without resolving, in two pip processes at once: torch and the CUDA libraries in one, the other
-# 257 distributions in the other (51 s against 70 s for one pip resolving requirements.txt). The plain
-# install of requirements.txt after it finds everything in place (and installs whatever a stale lock
-# missed); `pip check` confirms that no dependency is missing.
-HEAVY := ^(nvidia-|torch==)
+# CUDA libraries and 1.2 GB of torch itself. `make setup` runs the steps below as a graph on two jobs,
+# whatever -j was given. requirements.lock (every distribution, pinned) is installed without resolving, in
+# three pip processes: the CUDA libraries; torch with what it imports, ninja and BoTorch (BoTorch's kernel
+# is then built from these while the rest is still being installed); and the other ~240 distributions.
+# Then the tools make runs and the study's own imports write their bytecode, in two processes.
+# Then the plain install of requirements.txt finds everything in place (it installs whatever a stale lock
+# missed, and the setuptools that this package's editable install needs), and `pip check` confirms that
+# no dependency is missing. The venv is rebuilt only when the pins or the package metadata change.
+setup:
+	@$(MAKE) --no-print-directory -j2 $(STAMP)
+
+HEAVY := ^(torch|nvidia-.*|cuda-.*|filelock|typing_extensions|sympy|mpmath|networkx|Jinja2|MarkupSafe|fsspec|ninja|botorch)==
+CUDA := ^nvidia-
 LOCKED := $(BIN)/pip install --quiet --no-compile --no-deps --no-warn-conflicts
 
-# The venv is rebuilt only when the pins or the package metadata change.
-$(STAMP): requirements.txt requirements.lock pyproject.toml
+$(VENV)/.created: requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	grep -E '$(HEAVY)' requirements.lock > $(VENV)/lock-heavy.txt
+	grep -E '$(HEAVY)' requirements.lock | grep -E '$(CUDA)' > $(VENV)/lock-cuda.txt
+	grep -E '$(HEAVY)' requirements.lock | grep -vE '$(CUDA)' > $(VENV)/lock-torch.txt
 	grep -vE '$(HEAVY)|^#' requirements.lock > $(VENV)/lock-rest.txt
-	$(LOCKED) -r $(VENV)/lock-heavy.txt & $(LOCKED) -r $(VENV)/lock-rest.txt && wait $$!
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.created
+	$(LOCKED) -r $(VENV)/lock-cuda.txt & $(LOCKED) -r $(VENV)/lock-torch.txt && wait $$!
+	touch $@
+
+$(VENV)/.kernel: $(VENV)/.torch
+	$(BIN)/python -c '$(KERNEL_BUILD)'
+	touch $@
+
+$(VENV)/.rest: $(VENV)/.created
+	$(LOCKED) -r $(VENV)/lock-rest.txt
+	touch $@
+
+$(VENV)/.tools: $(VENV)/.rest
+	$(BIN)/python -c '$(TOOLS)'
+	touch $@
+
+# Run in the repository, so nanosd_lib imports from the working tree before its editable install.
+$(VENV)/.warm: $(VENV)/.torch $(VENV)/.rest
+	$(BIN)/python -c '$(WARM)'
+	touch $@
+
+# The plain install may upgrade setuptools, which the kernel's build imports: it waits for the build.
+$(STAMP): $(VENV)/.kernel $(VENV)/.tools $(VENV)/.warm
 	$(BIN)/pip install --quiet --no-compile -r requirements.txt
 	$(BIN)/pip install --quiet --no-compile --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
-	$(BIN)/python -c '$(KERNEL)' & $(BIN)/python -c '$(WARM)' && wait $$!
+	$(BIN)/python -c '$(KERNEL)'
 	touch $@
 
 repro: setup
