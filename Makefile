@@ -37,7 +37,13 @@ WARM := import importlib, pkgutil, nanosd_lib; \
 # missed, and the setuptools that this package's editable install needs), and `pip check` confirms that
 # no dependency is missing. The venv is rebuilt only when the pins or the package metadata change.
 setup:
-	@$(MAKE) --no-print-directory -j2 $(STAMP)
+	@$(MAKE) --no-print-directory -j2 SETUP_GRAPH=1 $(STAMP)
+
+# Two torch processes on two cores slow each other down many times over: apart from the set-up graph,
+# this makefile runs one step at a time whatever -j was given.
+ifndef SETUP_GRAPH
+.NOTPARALLEL:
+endif
 
 HEAVY := ^(torch|nvidia-.*|cuda-.*|filelock|typing_extensions|sympy|mpmath|networkx|Jinja2|MarkupSafe|fsspec|ninja|botorch)==
 CUDA := ^nvidia-
@@ -87,7 +93,7 @@ repro: setup
 
 test: setup unit nbval
 
-unit:
+unit: setup
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # After changing requirements.txt: resolve it in a scratch venv and write every version to requirements.lock.
@@ -100,7 +106,7 @@ lock:
 	rm -rf build/lock
 
 # Every notebook at the smoke scale, in stage order; outputs go to build/nbval, never to DVC outputs.
-nbval: clean-nbval
+nbval: setup clean-nbval
 	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider --durations=0 notebooks
 
 clean-nbval:
