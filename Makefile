@@ -32,7 +32,7 @@ WARM := import importlib, pkgutil, nanosd_lib; \
 # whatever -j was given. requirements.lock (every distribution, pinned) is installed without resolving, in
 # three pip processes: the CUDA libraries; torch with what it imports, ninja and BoTorch (BoTorch's kernel
 # is then built from these while the rest is still being installed); and the other ~240 distributions.
-# Then the tools make runs and the study's own imports write their bytecode, in two processes.
+# Next, the tools make runs and the study's own imports write their bytecode, in two processes.
 # Then the plain install of requirements.txt finds everything in place (it installs whatever a stale lock
 # missed, and the setuptools that this package's editable install needs), and `pip check` confirms that
 # no dependency is missing. The venv is rebuilt only when the pins or the package metadata change.
