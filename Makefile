@@ -53,7 +53,7 @@ $(VENV)/.created: requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	grep -E '$(HEAVY)' requirements.lock | grep -E '$(CUDA)' > $(VENV)/lock-cuda.txt
+	grep -E '$(CUDA)' requirements.lock > $(VENV)/lock-cuda.txt
 	grep -E '$(HEAVY)' requirements.lock | grep -vE '$(CUDA)' > $(VENV)/lock-torch.txt
 	grep -vE '$(HEAVY)|^#' requirements.lock > $(VENV)/lock-rest.txt
 	touch $@
