@@ -29,16 +29,20 @@ def pairs(teacher, prompts: list[str], n: int, seed: int) -> tuple[torch.Tensor,
 def score(net, images: torch.Tensor, teacher_images: torch.Tensor, teacher_feats: np.ndarray,
           prompt_index: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor,
           seed: int) -> dict[str, float]:
-    """Distribution and paired distances to the teacher's images, and caption accuracy."""
+    """Distribution and paired distances to the teacher's images, and caption accuracy.
+
+    The images' pooled features are computed once and serve both the distances and caption accuracy;
+    of the paired measures only PSNR and `lpips_mnv2` are reported, so SSIM is not computed."""
     feats = quality.pooled_features(net, images)
-    paired = quality.paired(net, images, teacher_images)
+    with torch.no_grad():
+        lpips = float(quality.lpips_mnv2(net, images.clamp(0, 1).float(), teacher_images.clamp(0, 1).float()).mean())
     p = int(prompt_index.max()) + 1
     each = min(int((prompt_index == i).sum()) for i in range(p))  # N need not divide by the prompts
-    per_prompt = torch.stack([images[prompt_index == i][:each] for i in range(p)])
-    caption = quality.caption_accuracy(net, per_prompt, reference, reference_labels)
+    rows = torch.cat([torch.nonzero(prompt_index == i).flatten()[:each] for i in range(p)]).numpy()
+    caption = quality.caption_accuracy(net, feats[rows].reshape(p, each, -1), reference, reference_labels)
     return {"taFD[mnv2]": quality.frechet(feats, teacher_feats),
             "taKD[mnv2]": quality.kernel(feats, teacher_feats, seed=seed),
-            "psnr_vs_teacher": paired["psnr"], "lpips_mnv2_vs_teacher": paired["lpips_mnv2"],
+            "psnr_vs_teacher": quality.mean_psnr(images, teacher_images), "lpips_mnv2_vs_teacher": lpips,
             "caption_accuracy_mnv2": caption["accuracy"]}
 
 

@@ -160,20 +160,27 @@ def teacher_aware(net: MobileNetFeatures, images: torch.Tensor, teacher_images: 
 
 
 @torch.no_grad()
+def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR (dB) of each [N, 3, H, W] image in [0, 1] against its target, averaged over the N images."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio as psnr
+
+    pred, target = pred.clamp(0, 1).float(), target.clamp(0, 1).float()
+    return float(psnr(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
+
+
+@torch.no_grad()
 def paired(net: MobileNetFeatures | None, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB), SSIM, MS-SSIM (torchmetrics) and lpips_mnv2 of [N, 3, H, W] images in [0, 1].
 
     MS-SSIM uses as many of its 5 scales as the image size allows (3 at 128 px: each scale halves the
     image and the 11-px window must still fit)."""
     from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure as ms_ssim,
-                                               peak_signal_noise_ratio as psnr,
                                                structural_similarity_index_measure as ssim)
 
     pred, target = pred.clamp(0, 1).float(), target.clamp(0, 1).float()
     scales = int(max(1, min(5, np.floor(np.log2(min(pred.shape[-2:]) / 11)) + 1)))
     betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales]
-    out = {"psnr": float(psnr(pred, target, data_range=1.0, reduction="none",
-                              dim=(1, 2, 3)).mean()),
+    out = {"psnr": mean_psnr(pred, target),
            "ssim": float(ssim(pred, target, data_range=1.0)),
            "ms_ssim": float(ms_ssim(pred, target, data_range=1.0, betas=tuple(b / sum(betas) for b in betas)))}
     if net is not None:
@@ -195,14 +202,18 @@ def caption_accuracy(net: MobileNetFeatures, samples: torch.Tensor, reference: t
                      reference_labels: torch.Tensor) -> dict:
     """Does each prompt's sample look like that prompt's own photo?
 
-    `samples` [P, S, 3, H, W] in [0, 1]: S samples of prompt p, whose photo has index p.
-    `reference` [M, 3, H, W] in [0, 1]: crops of the training photos (or their pooled features, to
-    score several models against one reference), `reference_labels` their photo indices. A sample
-    counts as right when its nearest reference crop (cosine similarity of pooled features) comes from
-    its own photo; chance is 1/P.
+    `samples` [P, S, 3, H, W] in [0, 1]: S samples of prompt p, whose photo has index p (or their
+    pooled features [P, S, d], when the caller has them already). `reference` [M, 3, H, W] in [0, 1]:
+    crops of the training photos (or their pooled features, to score several models against one
+    reference), `reference_labels` their photo indices. A sample counts as right when its nearest
+    reference crop (cosine similarity of pooled features) comes from its own photo; chance is 1/P.
     """
     p, s = samples.shape[:2]
-    feats = F.normalize(torch.from_numpy(pooled_features(net, samples.flatten(0, 1))), dim=1)
+    if isinstance(samples, np.ndarray):
+        flat = samples.reshape(p * s, -1)
+    else:
+        flat = pooled_features(net, samples.flatten(0, 1))
+    feats = F.normalize(torch.from_numpy(flat), dim=1)
     if torch.is_tensor(reference):
         reference = pooled_features(net, reference)
     ref = F.normalize(torch.from_numpy(reference), dim=1)

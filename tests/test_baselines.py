@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -204,7 +205,8 @@ def test_step_reduced():
 
 
 def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_root, monkeypatch):
-    """256 images over 36 prompts leaves some prompts 7 and others 8: caption accuracy must use 7 each."""
+    """256 images over 36 prompts leaves some prompts 7 and others 8: caption accuracy must use 7 each.
+    The images' pooled features are computed once; caption accuracy gets each prompt's rows of them."""
     from nanosd_lib import evaluate, quality
 
     net = quality.feature_net(study_root)
@@ -223,11 +225,13 @@ def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_
     monkeypatch.setattr(quality, "caption_accuracy", spy)
     row = evaluate.score(net, images, teacher_images, quality.pooled_features(net, teacher_images), index,
                          reference, labels, seed=0)
-    (samples,) = seen
-    assert samples.shape == (3, 3, 3, 32, 32)  # 3 prompts x 3 images each: the scarcest prompt's count
-    for i in range(3):  # each prompt's first 3 images, in order
-        torch.testing.assert_close(samples[i], images[index == i][:3])
-    expected = real(net, samples, reference, labels)["accuracy"]
-    assert row["caption_accuracy_mnv2"] == expected
-    # independent uniform images differ by 1/6 in mean square: 10 log10(6) = 7.8 dB
+    (feats,) = seen
+    assert feats.shape == (3, 3, 1280)  # 3 prompts x 3 images each: the scarcest prompt's count
+    per_prompt = torch.stack([images[index == i][:3] for i in range(3)])  # each prompt's first 3, in order
+    np.testing.assert_allclose(feats, quality.pooled_features(net, per_prompt.flatten(0, 1)).reshape(3, 3, -1),
+                               rtol=1e-5, atol=1e-6)
+    assert row["caption_accuracy_mnv2"] == real(net, per_prompt, reference, labels)["accuracy"]
+    full = quality.paired(net, images, teacher_images)  # what the measures were taken from before
+    assert row["psnr_vs_teacher"] == pytest.approx(full["psnr"], abs=1e-6)
+    assert row["lpips_mnv2_vs_teacher"] == pytest.approx(full["lpips_mnv2"], rel=1e-6)
     assert row["psnr_vs_teacher"] == pytest.approx(10 * math.log10(6), abs=0.5)
