@@ -210,11 +210,13 @@ def kd_train(student, teacher_unet, data: LatentSet, steps: int, batch_size: int
 
 def kd_train_together(students: dict, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
                       weights: distill.HealWeights, generator: torch.Generator,
-                      pool: int = 0) -> dict[str, list[dict]]:
-    """`kd_train` for {name: student} in lockstep: the same batches, one teacher forward a step, or, with
-    `pool` > 0, one per batch of a pool drawn up front (`distill.heal_together`)."""
+                      pool: int = 0, side_by_side: bool = False) -> dict[str, list[dict]]:
+    """`kd_train` for {name: student} on the same batches: one teacher forward a step, or, with `pool` > 0,
+    one per batch of a pool drawn up front; with a pool, `side_by_side` trains them at once, a thread
+    each (`distill.heal_together`)."""
     return distill.heal_together({n: (m, kd_pairs(m)) for n, m in students.items()}, teacher_unet, data,
-                                 steps, batch_size, lr, weights, generator, desc="baseline KD", pool=pool)
+                                 steps, batch_size, lr, weights, generator, desc="baseline KD", pool=pool,
+                                 side_by_side=side_by_side)
 
 
 # ---------------------------------------------------------------- fewer steps

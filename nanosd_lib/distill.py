@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import student
 from .outputs import LIBRARY, fingerprint, write_json
+from .parallel import side_by_side
 from .progress import bar
 from .recorder import Recorder
 from .space import STAGES, Arch, student_modules
@@ -61,7 +62,7 @@ def heal(base, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: f
 
 def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, batch_size: int, lr: float,
                   weights: HealWeights, generator: torch.Generator, desc: str = "heal",
-                  pool: int = 0) -> dict[str, list[dict]]:
+                  pool: int = 0, side_by_side: bool = False) -> dict[str, list[dict]]:
     """`heal` for several students in lockstep: {name: (model, pairs)} -> {name: log}.
 
     Each step draws one batch and runs the teacher once for all of them, so every student sees the same
@@ -69,7 +70,13 @@ def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, bat
 
     With `pool` > 0, `pool` batches are drawn first and the teacher runs once on each; every step then
     takes one of them at random (as module distillation reuses its recorded batches). The teacher's
-    forward is then paid `pool` times instead of `steps` times."""
+    forward is then paid `pool` times instead of `steps` times.
+
+    With a pool, `side_by_side` trains the students at once, one Python thread each, and splits torch's
+    intra-op threads between them (at least one each), restoring the count afterwards. Small U-Nets use
+    a second core poorly, so this finishes sooner than one student after the other on all threads. The
+    pool indices are drawn up front, in the order the lockstep loop draws them, so every student still
+    sees the same batches in the same order and nothing depends on how the threads interleave."""
     teacher_unet.eval().requires_grad_(False)
     t_names = sorted({p[1] for _, pairs in students.values() for p in pairs.values()})
 
@@ -81,37 +88,68 @@ def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, bat
 
     if pool < 0:
         raise ValueError(f"heal_together: pool must be >= 0 batches, got {pool}")
+    if side_by_side and not pool:
+        raise ValueError("heal_together: side_by_side needs a pool (pool > 0): without one, every step's "
+                         "batch and teacher forward are shared, so the students must move in lockstep")
     recorded = [draw() for _ in bar(range(pool), desc=f"{desc}: teacher on {pool} batches")] if pool else []
     opts = {}
     for name, (model, _) in students.items():
         model.train()
         opts[name] = adamw(model.parameters(), lr)
     logs = {name: [] for name in students}
-    for step in bar(range(steps), desc=desc):
-        b, t_pred, t_out = recorded[int(torch.randint(pool, (), generator=generator))] if pool else draw()
-        for name, (model, pairs) in students.items():
-            with Recorder(model, [p[0] for p in pairs.values()], detach=False) as s_rec:
-                pred = model(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
-            terms = []
-            for stage, (s, t, s_pick, t_pick) in pairs.items():
-                s_feat, t_feat = s_pick(s_rec.calls[s][0][2]), t_pick(t_out[t])
-                if s_feat.shape != t_feat.shape:
-                    raise ValueError(f"feature pair {stage}: student {s} gives {tuple(s_feat.shape)}, teacher "
-                                     f"{t} gives {tuple(t_feat.shape)}; pairs must have equal shapes")
-                terms.append(F.mse_loss(s_feat, t_feat))
-            feat = sum(terms) / len(terms) if terms else pred.new_zeros(())
-            task, out = F.mse_loss(pred, b["target"]), F.mse_loss(pred, t_pred)
-            loss = weights.task * task + weights.out * out + weights.feat * feat
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opts[name].step()
-            check_finite(loss, f"heal {name}" if len(students) > 1 else "heal", step)
-            logs[name].append({"step": step, "task": task.item(), "out_kd": out.item(), "feat_kd": feat.item(),
-                               "total": loss.item()})
+
+    def update(name: str, step: int, b: dict, t_pred: torch.Tensor, t_out: dict) -> None:
+        model, pairs = students[name]
+        with Recorder(model, [p[0] for p in pairs.values()], detach=False) as s_rec:
+            pred = model(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample
+        terms = []
+        for stage, (s, t, s_pick, t_pick) in pairs.items():
+            s_feat, t_feat = s_pick(s_rec.calls[s][0][2]), t_pick(t_out[t])
+            if s_feat.shape != t_feat.shape:
+                raise ValueError(f"feature pair {stage}: student {s} gives {tuple(s_feat.shape)}, teacher "
+                                 f"{t} gives {tuple(t_feat.shape)}; pairs must have equal shapes")
+            terms.append(F.mse_loss(s_feat, t_feat))
+        feat = sum(terms) / len(terms) if terms else pred.new_zeros(())
+        task, out = F.mse_loss(pred, b["target"]), F.mse_loss(pred, t_pred)
+        loss = weights.task * task + weights.out * out + weights.feat * feat
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[name].step()
+        check_finite(loss, f"heal {name}" if len(students) > 1 else "heal", step)
+        logs[name].append({"step": step, "task": task.item(), "out_kd": out.item(), "feat_kd": feat.item(),
+                           "total": loss.item()})
+
+    if side_by_side:
+        order = [int(torch.randint(pool, (), generator=generator)) for _ in range(steps)]
+        _side_by_side(students, lambda name, step: update(name, step, *recorded[order[step]]), steps, desc)
+    else:
+        for step in bar(range(steps), desc=desc):
+            b, t_pred, t_out = recorded[int(torch.randint(pool, (), generator=generator))] if pool else draw()
+            for name in students:
+                update(name, step, b, t_pred, t_out)
     for model, _ in students.values():
         model.eval()
     return logs
+
+
+def _side_by_side(students: dict, update, steps: int, desc: str) -> None:
+    """Run `update(name, step)` for every step, one thread per student (`parallel.side_by_side`)."""
+    progress = bar(total=steps * len(students), desc=f"{desc}: {len(students)} side by side")
+
+    def train(name: str):
+        def job(stop) -> None:
+            for step in range(steps):
+                if stop.is_set():  # another student failed
+                    return
+                update(name, step)
+                progress.update()
+        return job
+
+    try:
+        side_by_side({name: train(name) for name in students})
+    finally:
+        progress.close()
 
 
 @torch.no_grad()

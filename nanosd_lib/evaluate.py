@@ -7,6 +7,7 @@ from the search's), so distribution distances (`taFD[mnv2]`, `taKD[mnv2]`) and p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -26,23 +27,37 @@ def pairs(teacher, prompts: list[str], n: int, seed: int) -> tuple[torch.Tensor,
     return index, text, torch.randn(n, teacher.unet.config.in_channels, px, px, generator=g)
 
 
-def score(net, images: torch.Tensor, teacher_images: torch.Tensor, teacher_feats: np.ndarray,
-          prompt_index: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor,
-          seed: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Target:
+    """The teacher's images of the evaluation pairs and what every model is compared with there: their
+    pooled features and their `lpips_mnv2` taps, each computed once for all the models."""
+    images: torch.Tensor
+    feats: np.ndarray
+    taps: list[torch.Tensor]
+
+
+@torch.no_grad()
+def target(net, teacher_images: torch.Tensor) -> Target:
+    return Target(teacher_images, quality.pooled_features(net, teacher_images),
+                  quality.lpips_taps(net, teacher_images.clamp(0, 1).float()))
+
+
+@torch.no_grad()
+def score(net, images: torch.Tensor, target: Target, prompt_index: torch.Tensor, reference: torch.Tensor,
+          reference_labels: torch.Tensor, seed: int) -> dict[str, float]:
     """Distribution and paired distances to the teacher's images, and caption accuracy.
 
     The images' pooled features are computed once and serve both the distances and caption accuracy;
     of the paired measures only PSNR and `lpips_mnv2` are reported, so SSIM is not computed."""
     feats = quality.pooled_features(net, images)
-    with torch.no_grad():
-        lpips = float(quality.lpips_mnv2(net, images.clamp(0, 1).float(), teacher_images.clamp(0, 1).float()).mean())
+    lpips = float(quality.lpips_between(quality.lpips_taps(net, images.clamp(0, 1).float()), target.taps).mean())
     p = int(prompt_index.max()) + 1
     each = min(int((prompt_index == i).sum()) for i in range(p))  # N need not divide by the prompts
     rows = torch.cat([torch.nonzero(prompt_index == i).flatten()[:each] for i in range(p)]).numpy()
     caption = quality.caption_accuracy(net, feats[rows].reshape(p, each, -1), reference, reference_labels)
-    return {"taFD[mnv2]": quality.frechet(feats, teacher_feats),
-            "taKD[mnv2]": quality.kernel(feats, teacher_feats, seed=seed),
-            "psnr_vs_teacher": quality.mean_psnr(images, teacher_images), "lpips_mnv2_vs_teacher": lpips,
+    return {"taFD[mnv2]": quality.frechet(feats, target.feats),
+            "taKD[mnv2]": quality.kernel(feats, target.feats, seed=seed),
+            "psnr_vs_teacher": quality.mean_psnr(images, target.images), "lpips_mnv2_vs_teacher": lpips,
             "caption_accuracy_mnv2": caption["accuracy"]}
 
 

@@ -183,13 +183,20 @@ def same_as(unets: dict) -> dict[str, str]:
     return out
 
 
-def each_once(names, same: dict[str, str], compute) -> dict:
-    """{name: compute(name)}, computed once per model: a name that `same` maps to another reuses its result."""
-    out = {}
-    for name in names:
-        rep = same.get(name, name)
-        out[name] = out[rep] if rep in out else compute(name)
-    return out
+def each_once(names, same: dict[str, str], compute, side_by_side: bool = False) -> dict:
+    """{name: compute(name)}, computed once per model: a name that `same` maps to another reuses its result.
+
+    `side_by_side` runs the computations on threads that split torch's (`parallel.side_by_side`); only
+    for a `compute` that draws no random numbers and writes nothing shared, such as sampling from given
+    noise."""
+    reps = list(dict.fromkeys(same.get(name, name) for name in names))
+    if side_by_side:
+        from .parallel import side_by_side as run
+
+        done = run({rep: (lambda stop, rep=rep: compute(rep)) for rep in reps})
+    else:
+        done = {rep: compute(rep) for rep in reps}
+    return {name: done[same.get(name, name)] for name in names}
 
 
 def _same_weights(a, b) -> bool:

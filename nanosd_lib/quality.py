@@ -108,10 +108,22 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
 
 
+def lpips_taps(net: MobileNetFeatures, images: torch.Tensor) -> list[torch.Tensor]:
+    """The unit-normalised taps of [N, 3, H, W] images in [0, 1]: one side of `lpips_mnv2`, which a
+    caller comparing many image sets with one can compute once for that one."""
+    return [_unit(x) for x in net.taps(images)]
+
+
+def lpips_between(taps_a: list[torch.Tensor], taps_b: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image `lpips_mnv2` from both sides' `lpips_taps`: squared differences summed over channels,
+    averaged over space, then over the layers with equal weights."""
+    dists = [(x - y).pow(2).sum(1).mean((1, 2)) for x, y in zip(taps_a, taps_b, strict=True)]
+    return torch.stack(dists).mean(0)
+
+
 def lpips_mnv2(net: MobileNetFeatures, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image LPIPS-style distance between [N, 3, H, W] images in [0, 1] (differentiable)."""
-    dists = [(_unit(x) - _unit(y)).pow(2).sum(1).mean((1, 2)) for x, y in zip(net.taps(a), net.taps(b))]
-    return torch.stack(dists).mean(0)
+    return lpips_between(lpips_taps(net, a), lpips_taps(net, b))
 
 
 @torch.no_grad()

@@ -191,6 +191,63 @@ def test_kd_from_a_pool_runs_the_teacher_once_per_pooled_batch_and_still_learns(
                                     baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(0), pool=-1)
 
 
+def test_side_by_side_kd_is_the_lockstep_loop_on_threads_sharing_the_cores(smoke_teacher, latents, batch):
+    """Each student trains on its own thread with half the intra-op threads, on the pool batches the
+    lockstep loop would take, in its order: same logs, same outputs. The thread count comes back."""
+    import threading
+
+    bk, _ = baselines.bk_tiny(smoke_teacher.unet)
+    uniform, _ = baselines.uniform(dict(smoke_teacher.unet.config), 97_444)
+    lockstep = {"bk_tiny": copy.deepcopy(bk), "uniform": copy.deepcopy(uniform)}
+    seen = {}
+
+    def where(name):  # a forward hook noting the thread a student runs on, and its intra-op threads
+        return lambda *_: seen.setdefault(name, (threading.get_ident(), torch.get_num_threads())) and None
+
+    hooks = [m.register_forward_hook(where(n)) for n, m in (("bk_tiny", bk), ("uniform", uniform))]
+    threads = torch.get_num_threads()  # seed 4 takes pool batches 0, 1, 2, 0, 2, 0: the order shows
+    try:
+        side = baselines.kd_train_together({"bk_tiny": bk, "uniform": uniform}, smoke_teacher.unet, latents, 6, 4,
+                                           1e-3, baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(4), pool=3,
+                                           side_by_side=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.get_num_threads() == threads
+    assert len({ident for ident, _ in seen.values()} | {threading.get_ident()}) == 3  # two workers, not this one
+    assert {n for _, n in seen.values()} == {max(1, threads // 2)}
+    torch.set_num_threads(max(1, threads // 2))  # as each worker had: Adam turns rounding into whole steps
+    try:
+        logs = baselines.kd_train_together(lockstep, smoke_teacher.unet, latents, 6, 4, 1e-3,
+                                           baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(4), pool=3)
+    finally:
+        torch.set_num_threads(threads)
+    for name, model in (("bk_tiny", bk), ("uniform", uniform)):
+        for a, b in zip(logs[name], side[name], strict=True):
+            assert a == pytest.approx(b, rel=1e-5), name
+        # Outputs, not weights: a bias ahead of a GroupNorm has a zero gradient up to rounding, which Adam
+        # turns into whole lr-sized steps either way; the norm removes them again.
+        assert distill.relative_error(model, lockstep[name], batch) < 1e-4, name
+
+
+def test_side_by_side_kd_raises_the_first_error_and_stops_the_other_student(smoke_teacher, latents):
+    bk, _ = baselines.bk_tiny(smoke_teacher.unet)
+    uniform, _ = baselines.uniform(dict(smoke_teacher.unet.config), 97_444)
+    calls = []
+    hook = bk.register_forward_hook(lambda *_: calls.append(1))
+    students = {"bk_tiny": (bk, baselines.kd_pairs(bk)), "uniform": (uniform, distill.FEATURE_PAIRS)}  # no fit
+    try:
+        with pytest.raises(ValueError, match="feature pair E1: student down_blocks.0"):
+            distill.heal_together(students, smoke_teacher.unet, latents, 200, 4, 1e-3, baselines.BK_SDM_WEIGHTS,
+                                  torch.Generator().manual_seed(0), pool=2, side_by_side=True)
+    finally:
+        hook.remove()
+    assert len(calls) < 200  # bk_tiny stopped at a step boundary instead of finishing its 200
+    with pytest.raises(ValueError, match="side_by_side needs a pool"):
+        baselines.kd_train_together({"bk_tiny": bk}, smoke_teacher.unet, latents, 1, 4, 1e-3,
+                                    baselines.BK_SDM_WEIGHTS, torch.Generator().manual_seed(0), side_by_side=True)
+
+
 def test_step_reduced():
     assert baselines.step_reduced(50, 100.0, 40.0) == 20
     assert baselines.step_reduced(25, 30.0, 10.0) == 8  # 8.33: the nearest whole step
@@ -223,8 +280,7 @@ def test_score_takes_as_many_images_per_prompt_as_the_scarcest_prompt_has(study_
         return real(net_, samples, *args)
 
     monkeypatch.setattr(quality, "caption_accuracy", spy)
-    row = evaluate.score(net, images, teacher_images, quality.pooled_features(net, teacher_images), index,
-                         reference, labels, seed=0)
+    row = evaluate.score(net, images, evaluate.target(net, teacher_images), index, reference, labels, seed=0)
     (feats,) = seen
     assert feats.shape == (3, 3, 1280)  # 3 prompts x 3 images each: the scarcest prompt's count
     per_prompt = torch.stack([images[index == i][:3] for i in range(3)])  # each prompt's first 3, in order

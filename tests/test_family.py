@@ -1,4 +1,7 @@
 """The search's objectives over the whole space, and the rules that pick the family."""
+import threading
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,3 +93,15 @@ def test_members_picked_twice_are_measured_once(smoke_teacher, base):
     got = family.each_once([*unets, "step_reduced"], same, lambda n: calls.append(n) or n.upper())
     assert calls == ["teacher", "latency", "params", "tuned", "bk_tiny", "step_reduced"]
     assert got["prime"] == "LATENCY" and got["step_reduced"] == "STEP_REDUCED"
+    threads, where = torch.get_num_threads(), {}
+
+    def compute(n):  # notes the thread and its intra-op threads
+        where[n] = (threading.get_ident(), torch.get_num_threads())
+        time.sleep(0.05)  # long enough for the second worker to take a job
+        return n.upper()
+
+    side = family.each_once([*unets, "step_reduced"], same, compute, side_by_side=True)
+    assert side == got and sorted(where) == sorted(calls)  # each model once, the same results
+    idents = {ident for ident, _ in where.values()}
+    assert len(idents) == 2 and threading.get_ident() not in idents  # two workers, neither of them this thread
+    assert {n for _, n in where.values()} == {max(1, threads // 2)} and torch.get_num_threads() == threads
