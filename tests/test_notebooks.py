@@ -22,12 +22,11 @@ def few_photos(corpus_dir: Path, to: Path, train: int) -> None:
     linked): the notebook samples one prompt per training photo and compares with 8 crops of each."""
     rows = json.loads((corpus_dir / "manifest.json").read_text())
     keep = [r for r in rows if r["split"] != "train"] + [r for r in rows if r["split"] == "train"][:train]
-    (to / "weights").mkdir(parents=True)
+    to.mkdir(parents=True)
+    (to / "weights").symlink_to(corpus_dir / "weights")
     for r in keep:
         (to / r["file"]).parent.mkdir(exist_ok=True)
         (to / r["file"]).symlink_to(corpus_dir / r["file"])
-    for w in (corpus_dir / "weights").iterdir():
-        (to / "weights" / w.name).symlink_to(w)
     (to / "manifest.json").write_text(json.dumps(keep))
 
 
