@@ -83,12 +83,6 @@ class TrainTeacher(Section):
     vae_crops: int = _f("random crops drawn once for the VAE", ge=1)
     vae_crop_px: int = _f("VAE trains on small crops: it is convolutional, and many times cheaper",
                           ge=8, multiple_of=8)
-    vae_tune_steps: int = _f("then this many VAE steps on larger crops, so that the inside of a tile "
-                             "decodes like a crop's border (0: none)", ge=0)
-    vae_tune_crop_px: int = _f("side of those larger crops (their count keeps vae_crops' pixels)",
-                               ge=8, multiple_of=8)
-    vae_tune_batch_size: int = _f("larger crops per VAE step", ge=1)
-    vae_tune_lr: float = _f("AdamW peak learning rate of that leg (one-cycle, fresh optimizer)", gt=0)
     sample_steps: int = _f("DDIM steps for the sample grid and caption accuracy", ge=1)
     guidance_scale: float = _f("classifier-free guidance for samples", ge=0)
     samples_per_prompt: int = _f("samples per prompt for the grid and caption accuracy", ge=1)
