@@ -106,8 +106,10 @@ lock:
 	rm -rf build/lock
 
 # Every notebook at the smoke scale, in stage order; outputs go to build/nbval, never to DVC outputs.
+# The notebooks share one kernel, emptied before each of them (tests/nbval_one_kernel.py says how): each
+# would otherwise spend several seconds importing torch, diffusers and the plotting stack again.
 nbval: setup clean-nbval
-	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider --durations=0 notebooks
+	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider -p tests.nbval_one_kernel --durations=0 notebooks
 
 clean-nbval:
 	rm -rf build/nbval
