@@ -17,7 +17,6 @@ import nbval.plugin
 from nbval.kernel import RunningKernel
 
 EMPTY = """\
-%reset -f
 import os as _os, sys as _sys
 for _m in [m for m in _sys.modules if m == "nanosd_lib" or m.startswith("nanosd_lib.")]:
     del _sys.modules[_m]
@@ -25,7 +24,7 @@ if "matplotlib.pyplot" in _sys.modules:
     _sys.modules["matplotlib.pyplot"].close("all")
 _os.chdir({cwd!r})
 %reset -f
-"""
+"""  # one reset, last: it also clears the helper names above
 _shared: RunningKernel | None = None
 
 
