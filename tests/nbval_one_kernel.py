@@ -33,8 +33,13 @@ def _setup(self):
     cwd = str(self.fspath.dirname)
     if _shared is not None and _shared.is_alive():
         msg_id = _shared.execute_cell_input(EMPTY.format(cwd=cwd), allow_stdin=False)
-        _shared.await_reply(msg_id, timeout=60)
+        while (reply := _shared.get_message("shell", timeout=60))["parent_header"].get("msg_id") != msg_id:
+            pass
         _shared.await_idle(msg_id, timeout=60)
+        if reply["content"]["status"] != "ok":
+            content = reply["content"]
+            raise RuntimeError(f"emptying the shared kernel before {self.fspath.basename} failed: "
+                               f"{content.get('ename')}: {content.get('evalue')}")
         self.kernel = _shared
         self.setup_sanitize_files()
     else:
