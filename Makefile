@@ -30,7 +30,8 @@ WARM := import importlib, pkgutil, nanosd_lib; \
 # pip unpacks wheels on one core, and the torch build here brings about 6 GB of files: 3.2 GB of NVIDIA's
 # CUDA libraries and 1.2 GB of torch itself. `make setup` runs the steps below as a graph on two jobs,
 # whatever -j was given. requirements.lock (every distribution, pinned) is installed without resolving, in
-# three pip processes: the CUDA libraries; torch with what it imports, ninja and BoTorch (BoTorch's kernel
+# three pip processes: the CUDA libraries; torch with what it imports (numpy included: torch imports it when
+# it finds it, and a half-installed numpy fails the kernel's build), ninja and BoTorch (BoTorch's kernel
 # is then built from these while the rest is still being installed); and the other ~240 distributions.
 # Next, the tools make runs and the study's own imports write their bytecode, in two processes.
 # Then the plain install of requirements.txt finds everything in place (it installs whatever a stale lock
@@ -45,7 +46,7 @@ ifndef SETUP_GRAPH
 .NOTPARALLEL:
 endif
 
-HEAVY := ^(torch|nvidia-.*|cuda-.*|filelock|typing_extensions|sympy|mpmath|networkx|Jinja2|MarkupSafe|fsspec|ninja|botorch)==
+HEAVY := ^(torch|nvidia-.*|cuda-.*|filelock|typing_extensions|sympy|mpmath|networkx|Jinja2|MarkupSafe|fsspec|numpy|ninja|botorch)==
 CUDA := ^nvidia-
 LOCKED := $(BIN)/pip install --quiet --no-compile --no-deps --no-warn-conflicts
 
