@@ -40,17 +40,30 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def machine() -> str:
-    """The CPU model and logical core count, e.g. 'AMD EPYC 9B14 (2 cores)'."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
+def machine(cpuinfo: str | None = None) -> str:
+    """The CPU model, logical core count and vector units, e.g. 'AMD EPYC (2 cores, AVX-512, VNNI)'.
+
+    The vector units are named because the model name alone may not tell two CPUs apart (a virtual
+    machine often reports only the make), while they choose the kernels torch and ONNX Runtime run: the
+    same code trains to different weights, and times differently, on an AVX2 and an AVX-512 CPU.
+    `cpuinfo` is the text of /proc/cpuinfo, read when not given."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first = {}  # every core repeats the same fields: the first core's are enough
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name") or platform.processor() or platform.machine()
+    flags = set((first.get("flags") or first.get("Features") or "").split())
+    units = [label for label, present in (
+        ("AVX-512", "avx512f" in flags),
+        ("AVX2", "avx2" in flags and "avx512f" not in flags),
+        ("VNNI", bool(flags & {"avx512_vnni", "avx_vnni"})),
+        ("NEON", "asimd" in flags)) if present]
+    return f"{name} ({', '.join([f'{os.cpu_count()} cores'] + units)})"
 
 
 def provenance(base, **extra) -> dict:
