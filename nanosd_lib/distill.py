@@ -25,7 +25,7 @@ from .parallel import side_by_side
 from .progress import bar
 from .recorder import Recorder
 from .space import STAGES, Arch, student_modules
-from .training import LatentSet, adamw, check_finite
+from .training import LatentSet, adamw, optimizer_step
 
 
 # Feature-KD pairs: (module in the base, module in the teacher, which output of each to compare).
@@ -112,11 +112,7 @@ def heal_together(students: dict, teacher_unet, data: LatentSet, steps: int, bat
         feat = sum(terms) / len(terms) if terms else pred.new_zeros(())
         task, out = F.mse_loss(pred, b["target"]), F.mse_loss(pred, t_pred)
         loss = weights.task * task + weights.out * out + weights.feat * feat
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opts[name].step()
-        check_finite(loss, f"heal {name}" if len(students) > 1 else "heal", step)
+        optimizer_step(opts[name], loss, f"heal {name}" if len(students) > 1 else "heal", step, clip=model)
         logs[name].append({"step": step, "task": task.item(), "out_kd": out.item(), "feat_kd": feat.item(),
                            "total": loss.item()})
 
@@ -238,11 +234,7 @@ def distill_module(stage: str, option: int, base, records: dict, job: ModuleJob,
         pred = _flat(module(*_take(rec["args"], idx), **rec["kwargs"]))
         target = _flat(_take(rec["out"], idx))
         loss = sum(F.mse_loss(p, t) for p, t in zip(pred, target)) / len(pred)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        check_finite(loss, f"module {name}", step)
+        optimizer_step(opt, loss, f"module {name}", step, sched=sched)
         log.append(loss.item())
         if (step + 1) % job.checkpoint_every == 0 and step + 1 < job.steps:
             partial.parent.mkdir(parents=True, exist_ok=True)

@@ -233,10 +233,11 @@ def host_call(backend: str, module: nn.Module, args: tuple, threads: int, workdi
 
 
 def time_callable(backend: str, module: nn.Module, args: tuple, runs: int, threads: int,
-                  workdir: Path, name: str) -> float:
-    """One module timed alone (median of `runs`): for a quick number, not for the table."""
+                  workdir: Path, name: str, warmup: int = 2) -> float:
+    """One module timed alone (median of `runs` after `warmup` calls): for a quick number, not for the
+    table. Fewer warm-up calls suit a module that takes seconds a call (SD-1.5's VAE decoder)."""
     with torch_threads(threads):
-        return median_ms(host_call(backend, module, args, threads, workdir, name), runs)
+        return median_ms(host_call(backend, module, args, threads, workdir, name), runs, warmup)
 
 
 @contextmanager

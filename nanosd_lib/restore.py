@@ -27,7 +27,7 @@ from torch import nn
 from . import degrade, tiling
 from .progress import bar
 from .quality import lpips_mnv2
-from .training import adamw, check_finite
+from .training import adamw, optimizer_step
 
 TASKS = ("sr_x4", "denoise")
 
@@ -50,7 +50,7 @@ class Restorer(nn.Module):
         from diffusers import DDPMScheduler
 
         self.vae, self.unet = vae, unet
-        self.scheduler_config = {k: v for k, v in dict(scheduler_config).items()}
+        self.scheduler_config = dict(scheduler_config)
         sched = DDPMScheduler.from_config(self.scheduler_config)
         self.prediction = sched.config.prediction_type
         alpha = sched.alphas_cumprod[timestep]
@@ -103,12 +103,7 @@ def fine_tune(restorer: Restorer, crops: torch.Tensor, task: str, cfg: FineTune,
         l2 = F.mse_loss(out, hq)
         perceptual = lpips_mnv2(net, out.clamp(0, 1), hq).mean()
         loss = l2 + cfg.perceptual_weight * perceptual
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        check_finite(loss, f"restoration fine-tuning ({task})", step)
+        optimizer_step(opt, loss, f"restoration fine-tuning ({task})", step, clip=unet, sched=sched)
         log.append({"step": step, "l2": l2.item(), "lpips_mnv2": perceptual.item(),
                     "seconds": time.perf_counter() - start})
     unet.eval().requires_grad_(False)

@@ -51,12 +51,7 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
             p = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
             loss = loss + perceptual_weight * p
             row["perceptual"] = p.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        check_finite(loss, "vae", step)
+        optimizer_step(opt, loss, "vae", step, clip=vae, sched=sched)
         if eval_images is not None and ((step + 1) % max(10, steps // evals) == 0 or step + 1 == steps):
             vae.eval()
             t1 = time.perf_counter()
@@ -211,12 +206,7 @@ def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: i
             loss = (w * err).sum() / w.sum()
         else:
             loss = err.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        check_finite(loss, "unet", step)
+        optimizer_step(opt, loss, "unet", step, clip=unet, sched=sched)
         log.append({"step": step, "mse": err.mean().item(), "loss": loss.item()})
     unet.eval()
     return log
@@ -237,6 +227,21 @@ def one_cycle(opt, lr: float, steps: int):
             group["lr"] = lr
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2.5 / steps))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str, step: int,
+                   clip: torch.nn.Module | None = None, sched=None) -> None:
+    """One update from `loss`: gradients cleared and computed, clipped to norm 1 over `clip`'s parameters
+    when given, applied, the schedule advanced when given; then a loss that is not finite stops training,
+    naming `what` and the step. Every training loop of the study steps this way."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    check_finite(loss, what, step)
 
 
 def check_finite(loss: torch.Tensor, what: str, step: int) -> None:

@@ -29,10 +29,10 @@ from torch import nn
 
 from .baseline import SD15_VAE, count_params, model_config
 from .data import to_unit
-from .latency import host_call, interleaved_timings, median_ms, time_callable, torch_threads
+from .latency import host_call, interleaved_timings, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
-from .training import adamw, check_finite, one_cycle, vae_quality
+from .training import adamw, one_cycle, optimizer_step, vae_quality
 from .vae_options import OPTIONS, VaeOption, option  # noqa: F401  (the table is part of this API)
 
 SD15_VAE_PARAMS = 83_653_863  # SD-1.5's published vae/config.json, counted on the meta device
@@ -193,12 +193,7 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
         x = crops[torch.randint(len(crops), (batch_size,), generator=generator)]
         terms = _terms(teacher_vae, slim, x, generator, net, weights, train_latents)
         loss = sum(getattr(weights, k) * v for k, v in terms.items() if getattr(weights, k) > 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(slim.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        check_finite(loss, "slim vae", step)
+        optimizer_step(opt, loss, "slim vae", step, clip=slim, sched=sched)
         log.append({"step": step, "loss": loss.item(), "perceptual": math.nan}
                    | {k: v.item() for k, v in terms.items()})
     slim.eval()
@@ -255,7 +250,7 @@ class _Decode(nn.Module):
 
 
 def decode_latency(vae: AutoencoderKL, latent_px: int, backend: str, threads: int, runs: int,
-                   workdir: str | Path, name: str = "vae_decode", warmup: int | None = None) -> float:
+                   workdir: str | Path, name: str = "vae_decode", warmup: int = 2) -> float:
     """Median ms of one tile's decode (batch 1, `latent_px` latents) on 'torch' or 'onnxruntime'.
 
     A meta-device VAE (`sd15_pair`) is first rebuilt from its config with random weights: timing needs
@@ -263,7 +258,7 @@ def decode_latency(vae: AutoencoderKL, latent_px: int, backend: str, threads: in
     """
     module, args = _decode_job(vae, latent_px)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return _time(backend, module, args, runs, threads, Path(workdir), name, warmup)
+    return time_callable(backend, module, args, runs, threads, Path(workdir), name, warmup)
 
 
 def _storage(vae: AutoencoderKL) -> AutoencoderKL:
@@ -285,15 +280,6 @@ def _encode_job(vae: AutoencoderKL, image_px: int) -> tuple[nn.Module, tuple]:
     vae = _storage(vae)
     x = torch.rand(1, 3, image_px, image_px, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return _Encode(vae.eval()), (x,)
-
-
-def _time(backend: str, module: nn.Module, args: tuple, runs: int, threads: int, workdir: Path, name: str,
-          warmup: int | None) -> float:
-    """`time_callable`, or with an explicit number of warm-up calls (SD-1.5 width: seconds each)."""
-    if warmup is None:
-        return time_callable(backend, module, args, runs, threads, workdir, name)
-    with torch_threads(threads):
-        return median_ms(host_call(backend, module, args, threads, workdir, name), runs, warmup)
 
 
 def tile_share(unet_ms: float, decode_ms: float) -> float:
@@ -361,11 +347,11 @@ class _Encode(nn.Module):
 
 
 def encode_latency(vae: AutoencoderKL, image_px: int, backend: str, threads: int, runs: int,
-                   workdir: str | Path, name: str = "vae_encode", warmup: int | None = None) -> float:
+                   workdir: str | Path, name: str = "vae_encode", warmup: int = 2) -> float:
     """Median ms of one tile's encode (batch 1, `image_px` images): restoration encodes every tile."""
     module, args = _encode_job(vae, image_px)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return _time(backend, module, args, runs, threads, Path(workdir), name, warmup)
+    return time_callable(backend, module, args, runs, threads, Path(workdir), name, warmup)
 
 
 def load(folder: str | Path) -> AutoencoderKL:
