@@ -44,9 +44,10 @@ class Probe:
 class QualityObjective:
     """Distance of a candidate's images to the teacher's, over fixed (prompt, noise) pairs.
 
-    `noise_set` picks a disjoint draw of starting noises (the stability check compares two)."""
+    `noise_set` picks a disjoint draw of starting noises (the stability check compares two). `base` and
+    `students_dir` assemble candidates by id; without them only whole U-Nets are scored (`unet_scores`)."""
 
-    def __init__(self, teacher, base, students_dir: Path, net, prompts: list[str], probe: Probe,
+    def __init__(self, teacher, base, students_dir: Path | None, net, prompts: list[str], probe: Probe,
                  seed: int, noise_set: int = 0):
         self.teacher, self.base, self.students_dir, self.net, self.probe = teacher, base, students_dir, net, probe
         self.seed = seed
@@ -68,13 +69,21 @@ class QualityObjective:
         nothing, so the search computes only its own metric."""
         start = time.perf_counter()
         unet = distill.assemble(self.base, arch, self.students_dir)
-        feats = quality.pooled_features(self.net, self.images(unet))
+        out = self.unet_scores(unet, metrics=metrics)
+        return {**out, "seconds": time.perf_counter() - start}
+
+    def unet_scores(self, unet, steps: int | None = None, metrics=METRICS) -> dict[str, float]:
+        """The same distances for any U-Net on the same pairs: a baseline, a saved member, or the teacher
+        sampled with `steps` instead of the probe's."""
+        images = self.images(unet) if steps is None else training.generate(
+            self.teacher, unet, self.text, self.noise, steps, self.probe.guidance)
+        feats = quality.pooled_features(self.net, images)
         out = {}
         if "taFD[mnv2]" in metrics:
             out["taFD[mnv2]"] = quality.frechet(feats, self.teacher_feats)
         if "taKD[mnv2]" in metrics:
             out["taKD[mnv2]"] = quality.kernel(feats, self.teacher_feats, seed=self.seed)
-        return {**out, "seconds": time.perf_counter() - start}
+        return out
 
     def __call__(self, arch: Arch) -> float:
         return self.scores(arch, (self.probe.metric,))[self.probe.metric]

@@ -11,8 +11,8 @@ feature space and named for it:
   without its learnt calibration, which needs human judgements we do not have).
 - PSNR, SSIM and MS-SSIM from torchmetrics.
 
-When clean-fid's Inception file or the AlexNet weights behind `lpips` are on disk, `real_metrics()` says
-so and the real taFID and LPIPS are computed beside these, under their own names.
+When clean-fid's Inception file or the AlexNet weights behind `lpips` are on disk, `real_metrics()` finds
+them and `real_scores()` computes the real taFID and LPIPS beside these, under their own names.
 """
 from __future__ import annotations
 
@@ -200,13 +200,67 @@ def paired(net: MobileNetFeatures | None, pred: torch.Tensor, target: torch.Tens
     return out
 
 
+# The real metrics' weight files, by the names clean-fid and torchvision give them.
+INCEPTION, ALEXNET = "inception-2015-12-05.pt", "alexnet-owt-7be5be79.pth"
+
+
 def real_metrics() -> dict[str, str | None]:
-    """Where the real metrics' weights are, if anywhere: clean-fid's Inception, lpips' AlexNet."""
+    """Where the real metrics' weights are, if anywhere: clean-fid's Inception (torch's hub cache, or
+    /tmp where clean-fid itself keeps it) and lpips' AlexNet (torch's hub cache, where torchvision looks)."""
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    inception = next((p for p in (Path("/tmp"), hub) if (p / "inception-2015-12-05.pt").is_file()), None)
-    alexnet = hub / "alexnet-owt-7be5be79.pth"
-    return {"inception": str(inception / "inception-2015-12-05.pt") if inception else None,
+    inception = next((p / INCEPTION for p in (hub, Path("/tmp")) if (p / INCEPTION).is_file()), None)
+    alexnet = hub / ALEXNET
+    return {"inception": str(inception) if inception else None,
             "alexnet": str(alexnet) if alexnet.is_file() else None}
+
+
+@torch.no_grad()
+def real_scores(images: dict[str, torch.Tensor], reference: str = "teacher",
+                batch: int = 32) -> dict[str, dict[str, float]]:
+    """The real metrics of each entry of `images` ([N, 3, H, W] in [0, 1], the same N pairs each)
+    against `images[reference]`, for whichever weights `real_metrics()` finds; {} when none.
+
+    - `taFID`: clean-fid's Fréchet distance on its Inception features, images resized to 299 px the
+      way its "clean" mode does (PIL bicubic on 8-bit images).
+    - `LPIPS`: lpips' calibrated AlexNet distance, paired image by image, averaged.
+
+    An entry that is the same tensor object as another (one model under two names) is scored once."""
+    where, out, done = real_metrics(), {}, {}
+    if where["inception"] is None and where["alexnet"] is None:
+        return {}
+    cpu = torch.device("cpu")
+    if where["inception"]:
+        from cleanfid.fid import get_batch_features
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
+        inception = InceptionV3W(str(Path(where["inception"]).parent), download=False).eval()
+        resize = build_resizer("clean")
+
+        def inception_feats(x: torch.Tensor) -> np.ndarray:
+            rgb = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            chunks = [torch.from_numpy(np.stack([resize(im) for im in rgb[i:i + batch]])).permute(0, 3, 1, 2)
+                      for i in range(0, len(rgb), batch)]
+            return np.concatenate([get_batch_features(c.float(), inception, cpu) for c in chunks])
+
+        ref_feats = inception_feats(images[reference])
+    if where["alexnet"]:
+        import lpips
+
+        alex = lpips.LPIPS(net="alex", verbose=False).eval()
+    for name, x in images.items():
+        if id(x) not in done:
+            row = {}
+            if where["inception"]:
+                row["taFID"] = frechet(inception_feats(x), ref_feats)
+            if where["alexnet"]:
+                ref = images[reference]
+                row["LPIPS"] = float(torch.cat([alex(x[i:i + batch].float(), ref[i:i + batch].float(),
+                                                     normalize=True).flatten()
+                                                for i in range(0, len(x), batch)]).mean())
+            done[id(x)] = row
+        out[name] = dict(done[id(x)])
+    return out
 
 
 @torch.no_grad()

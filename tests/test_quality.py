@@ -103,3 +103,54 @@ def test_caption_accuracy_counts_nearest_photos(net, kodak):
     got = quality.caption_accuracy(net, samples, reference, labels)
     assert got["accuracy"] == pytest.approx(0.75) and got["chance"] == 0.25
     assert got["per_prompt"] == [1.0, 1.0, 1.0, 0.0]
+
+
+class _Layers(torch.nn.Module):
+    """Stands in for clean-fid's Inception trunk: [B, 3, 299, 299] -> [B, 2048, 1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2048, 16, stride=16)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 1)
+
+
+class _Inception(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _Layers()
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x)
+
+
+def test_real_metrics_are_computed_when_their_weights_are_on_disk(tmp_path, monkeypatch):
+    """The real metrics' code path through clean-fid and lpips themselves. Their weights cannot be had
+    offline, so stand-ins with random weights are put where the packages look (a TorchScript module
+    with clean-fid's interface, torchvision's AlexNet file name): the values are meaningless, the
+    calls, resizing and pairing are the real ones."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    hub = tmp_path / "hub" / "checkpoints"
+    torch.manual_seed(0)
+    images = {"teacher": torch.rand(6, 3, 32, 32)}
+    images["same"] = images["teacher"]
+    images["copy"] = images["teacher"].clone()
+    images["other"] = (images["teacher"] + 0.3 * torch.randn(6, 3, 32, 32)).clamp(0, 1)
+    assert quality.real_metrics() == {"inception": None, "alexnet": None} and quality.real_scores(images) == {}
+
+    hub.mkdir(parents=True)
+    torch.jit.script(_Inception()).save(str(hub / quality.INCEPTION))
+    assert quality.real_metrics()["inception"] == str(hub / quality.INCEPTION)
+    scores = quality.real_scores(images, batch=4)
+    assert set(scores) == set(images) and all(set(r) == {"taFID"} for r in scores.values())
+    assert abs(scores["teacher"]["taFID"]) < 1e-6 and abs(scores["copy"]["taFID"]) < 1e-6
+    assert scores["other"]["taFID"] > 1e-3
+
+    torch.save(torchvision.models.alexnet().state_dict(), hub / quality.ALEXNET)
+    scores = quality.real_scores(images, batch=4)
+    assert all(set(r) == {"taFID", "LPIPS"} for r in scores.values())
+    assert scores["teacher"]["LPIPS"] == 0 and scores["same"] == scores["teacher"]
+    assert scores["other"]["LPIPS"] > 0
