@@ -59,8 +59,10 @@ class QualityObjective:
         self.teacher_images = self.images(teacher.unet)
         self.teacher_feats = quality.pooled_features(net, self.teacher_images)
 
-    def images(self, unet) -> torch.Tensor:
-        return training.generate(self.teacher, unet, self.text, self.noise, self.probe.steps,
+    def images(self, unet, steps: int | None = None) -> torch.Tensor:
+        """`unet`'s images of the pairs, with the probe's steps unless `steps` is given."""
+        return training.generate(self.teacher, unet, self.text, self.noise,
+                                 self.probe.steps if steps is None else steps,
                                  self.probe.guidance)
 
     def scores(self, arch: Arch, metrics=METRICS) -> dict[str, float]:
@@ -75,9 +77,7 @@ class QualityObjective:
     def unet_scores(self, unet, steps: int | None = None, metrics=METRICS) -> dict[str, float]:
         """The same distances for any U-Net on the same pairs: a baseline, a saved member, or the teacher
         sampled with `steps` instead of the probe's."""
-        images = self.images(unet) if steps is None else training.generate(
-            self.teacher, unet, self.text, self.noise, steps, self.probe.guidance)
-        feats = quality.pooled_features(self.net, images)
+        feats = quality.pooled_features(self.net, self.images(unet, steps))
         out = {}
         if "taFD[mnv2]" in metrics:
             out["taFD[mnv2]"] = quality.frechet(feats, self.teacher_feats)

@@ -248,13 +248,13 @@ def real_scores(images: dict[str, torch.Tensor], reference: str = "teacher",
         import lpips
 
         alex = lpips.LPIPS(net="alex", verbose=False).eval()
+    ref = images[reference]
     for name, x in images.items():
         if id(x) not in done:
             row = {}
             if where["inception"]:
-                row["taFID"] = frechet(inception_feats(x), ref_feats)
+                row["taFID"] = frechet(ref_feats if x is ref else inception_feats(x), ref_feats)
             if where["alexnet"]:
-                ref = images[reference]
                 row["LPIPS"] = float(torch.cat([alex(x[i:i + batch].float(), ref[i:i + batch].float(),
                                                      normalize=True).flatten()
                                                 for i in range(0, len(x), batch)]).mean())
