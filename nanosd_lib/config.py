@@ -83,6 +83,12 @@ class TrainTeacher(Section):
     vae_crops: int = _f("random crops drawn once for the VAE", ge=1)
     vae_crop_px: int = _f("VAE trains on small crops: it is convolutional, and many times cheaper",
                           ge=8, multiple_of=8)
+    vae_tune_steps: int = _f("then this many VAE steps on larger crops, so that the inside of a tile "
+                             "decodes like a crop's border (0: none)", ge=0)
+    vae_tune_crop_px: int = _f("side of those larger crops (their count keeps vae_crops' pixels)",
+                               ge=8, multiple_of=8)
+    vae_tune_batch_size: int = _f("larger crops per VAE step", ge=1)
+    vae_tune_lr: float = _f("AdamW peak learning rate of that leg (one-cycle, fresh optimizer)", gt=0)
     sample_steps: int = _f("DDIM steps for the sample grid and caption accuracy", ge=1)
     guidance_scale: float = _f("classifier-free guidance for samples", ge=0)
     samples_per_prompt: int = _f("samples per prompt for the grid and caption accuracy", ge=1)
@@ -147,6 +153,12 @@ class SlimVae(Section):
     lr: float = _f("AdamW peak learning rate (one-cycle)", gt=0)
     crops: int = _f("training crops drawn once from the train split", ge=1)
     crop_px: int = _f("crop side (small: the VAE is convolutional)", ge=8, multiple_of=8)
+    tune_steps: int = _f("then this many steps of the chosen option on larger crops, a fresh one-cycle "
+                         "run, as the teacher's VAE ends (0: none)", ge=0)
+    tune_crop_px: int = _f("side of those larger crops (their count keeps the crops' pixels)",
+                           ge=8, multiple_of=8)
+    tune_batch_size: int = _f("larger crops per step", ge=1)
+    tune_lr: float = _f("AdamW peak learning rate of that leg", gt=0)
     w_latent: float = _f("weight of latent match (mean and log-variance vs the teacher's)", ge=0)
     w_kl: float = _f("weight of the KL term, as in SD's autoencoder", ge=0)
     w_recon: float = _f("weight of L1 reconstruction", ge=0)

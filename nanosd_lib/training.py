@@ -22,13 +22,30 @@ LOGVAR_INIT = -8.0  # start the posterior nearly deterministic (std e^-4): a fre
 # samples would bury the image in noise and waste the first hundreds of steps (the KL term still acts)
 
 
+@dataclass(frozen=True)
+class VaePhase:
+    """One leg of the VAE's training: its crops, steps, crops per step and peak learning rate."""
+
+    crops: torch.Tensor
+    steps: int
+    batch_size: int
+    lr: float
+
+
 def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int, lr: float,
               kl_weight: float, generator: torch.Generator, net=None, perceptual_weight: float = 0.0,
               perceptual_every: int = 1, eval_images: torch.Tensor | None = None,
-              evals: int = 4) -> list[dict]:
+              evals: int = 4, tune: VaePhase | None = None) -> list[dict]:
     """L1 reconstruction + KL + lpips_mnv2 on feature network `net` (SD's autoencoder recipe without
     its GAN). The perceptual term, which doubles a step's cost, is added on every `perceptual_every`-th
     step. With `eval_images`, quality on them is logged `evals` times, so it reads against time.
+
+    `tune` is a second, shorter leg on larger crops, with a fresh optimizer and one-cycle rate. Small
+    crops are cheap, but a 32-px crop's 4x4 latent is all border: a VAE that saw only such crops encodes
+    and decodes the inside of a 128-px tile otherwise (a colour cast). Measured on the embedded teacher
+    (Zen 4 EPYC, 2 threads): 2000 steps on 32-px crops read 17.2 dB on Kodak's 128-px tiles, and 2000 on
+    64-px crops 17.3 dB; 1500 on 32-px crops then 500 on 64-px crops at a quarter of the rate, 20.6 dB.
+    Rows carry their `phase` (0, 1) and count steps and seconds across both legs.
     """
     vae = teacher.vae.train()
     with torch.no_grad():  # conv_out emits (mean, logvar): start the logvar half at LOGVAR_INIT
@@ -36,29 +53,33 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
         half = out.out_channels // 2
         out.weight[half:].zero_()
         out.bias[half:].fill_(LOGVAR_INIT)
-    opt = adamw(vae.parameters(), lr)
-    sched = one_cycle(opt, lr, steps)
     log, t0, eval_s = [], time.perf_counter(), 0.0
-    for step in bar(range(steps), desc="vae"):
-        x = crops[torch.randint(len(crops), (batch_size,), generator=generator)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        l1 = (recon - x).abs().mean()
-        kl = posterior.kl().mean()
-        loss = l1 + kl_weight * kl
-        row = {"step": step, "l1": l1.item(), "kl": kl.item()}
-        if net is not None and perceptual_weight > 0 and step % perceptual_every == 0:
-            p = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
-            loss = loss + perceptual_weight * p
-            row["perceptual"] = p.item()
-        optimizer_step(opt, loss, "vae", step, clip=vae, sched=sched)
-        if eval_images is not None and ((step + 1) % max(10, steps // evals) == 0 or step + 1 == steps):
-            vae.eval()
-            t1 = time.perf_counter()
-            row |= {"seconds": t1 - t0 - eval_s, **vae_quality(vae, eval_images, net)}  # training time only
-            eval_s += time.perf_counter() - t1
-            vae.train()
-        log.append(row)
+    legs = [VaePhase(crops, steps, batch_size, lr)] + ([tune] if tune is not None and tune.steps else [])
+    for phase, leg in enumerate(legs):
+        opt = adamw(vae.parameters(), leg.lr)
+        sched = one_cycle(opt, leg.lr, leg.steps)
+        every = max(10, leg.steps // evals) if phase == 0 else leg.steps
+        for i in bar(range(leg.steps), desc="vae" if phase == 0 else f"vae, {leg.crops.shape[-1]}-px crops"):
+            step = len(log)
+            x = leg.crops[torch.randint(len(leg.crops), (leg.batch_size,), generator=generator)]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=generator)).sample
+            l1 = (recon - x).abs().mean()
+            kl = posterior.kl().mean()
+            loss = l1 + kl_weight * kl
+            row = {"step": step, "phase": phase, "l1": l1.item(), "kl": kl.item()}
+            if net is not None and perceptual_weight > 0 and step % perceptual_every == 0:
+                p = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
+                loss = loss + perceptual_weight * p
+                row["perceptual"] = p.item()
+            optimizer_step(opt, loss, "vae", step, clip=vae, sched=sched)
+            if eval_images is not None and ((i + 1) % every == 0 or i + 1 == leg.steps):
+                vae.eval()
+                t1 = time.perf_counter()
+                row |= {"seconds": t1 - t0 - eval_s, **vae_quality(vae, eval_images, net)}  # training time only
+                eval_s += time.perf_counter() - t1
+                vae.train()
+            log.append(row)
     vae.eval()
     return log
 

@@ -77,6 +77,25 @@ def test_training_is_deterministic_and_lowers_the_loss():
     assert unet_a[-1]["after"] < 0.9 * unet_a[-1]["before"]  # the fixed-batch denoising loss falls
 
 
+def test_the_vae_tune_leg_trains_on_its_larger_crops():
+    """The second leg runs on its own crops, continues the step count, logs quality at each leg's end,
+    and lowers the reconstruction error on crops of its size."""
+    model = teacher.build(teacher.SPECS["smoke"], photos.captions(), 0)
+    gen = torch.Generator().manual_seed(0)
+    pics = [data.to_tensor(photos.bundled(n)) for n in ("chelsea", "coffee")]
+    small, _ = data.random_crops(pics, 64, 32, gen)
+    large, _ = data.random_crops(pics, 16, 64, gen)
+    training.train_vae(model, small, 30, 8, 2e-3, 1e-6, gen)
+    before = (training.reconstruct(model.vae, large) - large).abs().mean().item()
+    log = training.train_vae(model, small, 20, 8, 1e-3, 1e-6, gen, eval_images=large[:4], evals=2,
+                             tune=training.VaePhase(large, 30, 2, 1e-3))
+    after = (training.reconstruct(model.vae, large) - large).abs().mean().item()
+    assert [r["phase"] for r in log] == [0] * 20 + [1] * 30
+    assert [r["step"] for r in log] == list(range(50))
+    assert [r["step"] for r in log if "psnr" in r] == [9, 19, 49]  # evals in leg 0, then the end of leg 1
+    assert after < before  # 0.314 -> 0.303 on the smoke VAE
+
+
 def test_prompts_change_samples_from_the_same_noise(smoke_teacher):
     prompts = ["a tabby cat", "a cup of coffee"]
     images = training.sample(smoke_teacher, prompts, seeds=[0, 0], steps=3, guidance=3.0)
