@@ -24,12 +24,52 @@ LOGVAR_INIT = -8.0  # start the posterior nearly deterministic (std e^-4): a fre
 
 @dataclass(frozen=True)
 class VaePhase:
-    """One leg of the VAE's training: its crops, steps, crops per step and peak learning rate."""
+    """One leg of a VAE's training: its crops, steps, crops per step and peak learning rate."""
 
     crops: torch.Tensor
     steps: int
     batch_size: int
     lr: float
+
+
+def tune_phase(photos: list[torch.Tensor], crops: int, crop_px: int, px: int, steps: int, batch_size: int,
+               lr: float, generator: torch.Generator) -> VaePhase:
+    """A second leg on crops of `px`: as many pixels in all as `crops` crops of `crop_px` (the first leg's),
+    so a larger crop size means fewer crops, not more memory."""
+    larger, _ = random_crops(photos, crops * crop_px ** 2 // px ** 2, px, generator)
+    return VaePhase(larger, steps, batch_size, lr)
+
+
+@dataclass
+class LegStep:
+    """One optimiser step of `leg_steps`: which leg, its step `i`, the step over all legs, the batch."""
+
+    phase: int
+    i: int
+    step: int
+    leg: VaePhase
+    x: torch.Tensor
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def last(self) -> bool:  # the leg's final step
+        return self.i + 1 == self.leg.steps
+
+
+def leg_steps(legs: list[VaePhase], params, generator: torch.Generator, desc: str):
+    """The steps of each leg in turn, each leg with a fresh AdamW and one-cycle rate, and each step with
+    a batch drawn from that leg's crops. A leg of 0 steps is skipped. Small crops are cheap, but a 32-px
+    crop's 4x4 latent is all border: a VAE that saw only such crops en- and decodes the inside of a
+    128-px tile otherwise (a colour cast), hence a last leg on larger crops (`tune_phase`)."""
+    params, step = list(params), 0
+    for phase, leg in enumerate(leg for leg in legs if leg.steps):
+        opt = adamw(params, leg.lr)
+        sched = one_cycle(opt, leg.lr, leg.steps)
+        for i in bar(range(leg.steps), desc=desc if phase == 0 else f"{desc}, {leg.crops.shape[-1]}-px crops"):
+            x = leg.crops[torch.randint(len(leg.crops), (leg.batch_size,), generator=generator)]
+            yield LegStep(phase, i, step, leg, x, opt, sched)
+            step += 1
 
 
 def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int, lr: float,
@@ -38,14 +78,14 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
               evals: int = 4, tune: VaePhase | None = None) -> list[dict]:
     """L1 reconstruction + KL + lpips_mnv2 on feature network `net` (SD's autoencoder recipe without
     its GAN). The perceptual term, which doubles a step's cost, is added on every `perceptual_every`-th
-    step. With `eval_images`, quality on them is logged `evals` times, so it reads against time.
+    step. With `eval_images`, quality on them is logged `evals` times in the first leg and at the end
+    of the second, so it reads against time.
 
-    `tune` is a second, shorter leg on larger crops, with a fresh optimizer and one-cycle rate. Small
-    crops are cheap, but a 32-px crop's 4x4 latent is all border: a VAE that saw only such crops encodes
-    and decodes the inside of a 128-px tile otherwise (a colour cast). Measured on the embedded teacher
-    (Zen 4 EPYC, 2 threads): 2000 steps on 32-px crops read 17.2 dB on Kodak's 128-px tiles, and 2000 on
-    64-px crops 17.3 dB; 1500 on 32-px crops then 500 on 64-px crops at a quarter of the rate, 20.6 dB.
-    Rows carry their `phase` (0, 1) and count steps and seconds across both legs.
+    `tune` is a second, shorter leg on larger crops (see `leg_steps`). Measured on the embedded teacher
+    (Zen 4 EPYC, 2 threads, Kodak's 128-px tiles, one run each): 2000 steps on 32-px crops read 17.2 dB,
+    and 2000 on 64-px crops 17.3 dB; 1500 on 32-px crops, then 8 crops of 64 px a step, 20.4 dB after
+    700 such steps and 21.4 dB after 1500. Rows carry their `phase` (0, 1) and count steps and seconds
+    across both legs.
     """
     vae = teacher.vae.train()
     with torch.no_grad():  # conv_out emits (mean, logvar): start the logvar half at LOGVAR_INIT
@@ -54,32 +94,27 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
         out.weight[half:].zero_()
         out.bias[half:].fill_(LOGVAR_INIT)
     log, t0, eval_s = [], time.perf_counter(), 0.0
-    legs = [VaePhase(crops, steps, batch_size, lr)] + ([tune] if tune is not None and tune.steps else [])
-    for phase, leg in enumerate(legs):
-        opt = adamw(vae.parameters(), leg.lr)
-        sched = one_cycle(opt, leg.lr, leg.steps)
-        every = max(10, leg.steps // evals) if phase == 0 else leg.steps
-        for i in bar(range(leg.steps), desc="vae" if phase == 0 else f"vae, {leg.crops.shape[-1]}-px crops"):
-            step = len(log)
-            x = leg.crops[torch.randint(len(leg.crops), (leg.batch_size,), generator=generator)]
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=generator)).sample
-            l1 = (recon - x).abs().mean()
-            kl = posterior.kl().mean()
-            loss = l1 + kl_weight * kl
-            row = {"step": step, "phase": phase, "l1": l1.item(), "kl": kl.item()}
-            if net is not None and perceptual_weight > 0 and step % perceptual_every == 0:
-                p = lpips_mnv2(net, to_unit(recon), to_unit(x)).mean()
-                loss = loss + perceptual_weight * p
-                row["perceptual"] = p.item()
-            optimizer_step(opt, loss, "vae", step, clip=vae, sched=sched)
-            if eval_images is not None and ((i + 1) % every == 0 or i + 1 == leg.steps):
-                vae.eval()
-                t1 = time.perf_counter()
-                row |= {"seconds": t1 - t0 - eval_s, **vae_quality(vae, eval_images, net)}  # training time only
-                eval_s += time.perf_counter() - t1
-                vae.train()
-            log.append(row)
+    every = max(10, steps // evals)
+    for s in leg_steps([VaePhase(crops, steps, batch_size, lr), *([tune] if tune else [])], vae.parameters(),
+                       generator, "vae"):
+        posterior = vae.encode(s.x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        l1 = (recon - s.x).abs().mean()
+        kl = posterior.kl().mean()
+        loss = l1 + kl_weight * kl
+        row = {"step": s.step, "phase": s.phase, "l1": l1.item(), "kl": kl.item()}
+        if net is not None and perceptual_weight > 0 and s.step % perceptual_every == 0:
+            p = lpips_mnv2(net, to_unit(recon), to_unit(s.x)).mean()
+            loss = loss + perceptual_weight * p
+            row["perceptual"] = p.item()
+        optimizer_step(s.opt, loss, "vae", s.step, clip=vae, sched=s.sched)
+        if eval_images is not None and (s.last or (s.phase == 0 and (s.i + 1) % every == 0)):
+            vae.eval()
+            t1 = time.perf_counter()
+            row |= {"seconds": t1 - t0 - eval_s, **vae_quality(vae, eval_images, net)}  # training time only
+            eval_s += time.perf_counter() - t1
+            vae.train()
+        log.append(row)
     vae.eval()
     return log
 

@@ -32,7 +32,7 @@ from .data import to_unit
 from .latency import host_call, interleaved_timings, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
-from .training import adamw, one_cycle, optimizer_step, vae_quality
+from .training import VaePhase, leg_steps, optimizer_step, vae_quality
 from .vae_options import OPTIONS, VaeOption, option  # noqa: F401  (the table is part of this API)
 
 SD15_VAE_PARAMS = 83_653_863  # SD-1.5's published vae/config.json, counted on the meta device
@@ -168,7 +168,7 @@ def _terms(teacher_vae, slim, x, generator, net, weights: LossWeights,
 
 def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor, steps: int,
             batch_size: int, lr: float, weights: LossWeights, generator: torch.Generator,
-            net=None, train_latents: torch.Tensor | None = None) -> list[dict]:
+            net=None, train_latents: torch.Tensor | None = None, tune: VaePhase | None = None) -> list[dict]:
     """Train the slim VAE on [-1, 1] `crops` against the teacher, on the weighted sum of five terms.
 
     The decoder term matches the two decoders (L1) on the teacher's encodings of the crops and, with
@@ -177,7 +177,8 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
 
     Every term is computed and logged each step. A term of weight 0 is left out of the loss (the
     perceptual and decoder terms are then computed without gradients); with `net=None` the perceptual
-    term is logged as NaN. AdamW with a one-cycle rate, clipping and a finite check, as `train_vae`.
+    term is logged as NaN. AdamW with a one-cycle rate, clipping and a finite check; `tune` is a second
+    leg on larger crops, as `training.train_vae` takes it (rows carry their `phase`).
     """
     if net is None and weights.perceptual > 0:
         raise ValueError(f"LossWeights.perceptual = {weights.perceptual} needs the feature net `net`; "
@@ -186,15 +187,13 @@ def distill(teacher_vae: AutoencoderKL, slim: AutoencoderKL, crops: torch.Tensor
         raise ValueError(f"every loss weight is 0 ({weights}); nothing would be trained")
     teacher_vae.eval()
     slim.train()
-    opt = adamw(slim.parameters(), lr)
-    sched = one_cycle(opt, lr, steps)
     log = []
-    for step in bar(range(steps), desc="slim vae"):
-        x = crops[torch.randint(len(crops), (batch_size,), generator=generator)]
-        terms = _terms(teacher_vae, slim, x, generator, net, weights, train_latents)
+    for s in leg_steps([VaePhase(crops, steps, batch_size, lr), *([tune] if tune else [])], slim.parameters(),
+                       generator, "slim vae"):
+        terms = _terms(teacher_vae, slim, s.x, generator, net, weights, train_latents)
         loss = sum(getattr(weights, k) * v for k, v in terms.items() if getattr(weights, k) > 0)
-        optimizer_step(opt, loss, "slim vae", step, clip=slim, sched=sched)
-        log.append({"step": step, "loss": loss.item(), "perceptual": math.nan}
+        optimizer_step(s.opt, loss, "slim vae", s.step, clip=slim, sched=s.sched)
+        log.append({"step": s.step, "phase": s.phase, "loss": loss.item(), "perceptual": math.nan}
                    | {k: v.item() for k, v in terms.items()})
     slim.eval()
     return log
