@@ -65,6 +65,15 @@ class MeasureBaselineCost(Section):
     sd15_host_forward: bool = _f("also time the SD-1.5-config U-Net at 64x64 latents (~4 GiB)")
 
 
+class TuneLeg(Section):
+    """A VAE's second training leg (`training.tune_phase`): larger crops, a fresh one-cycle run."""
+
+    steps: int = _f("optimiser steps of the leg (0: none)", ge=0)
+    crop_px: int = _f("side of its crops; their count keeps the first leg's pixels", ge=8, multiple_of=8)
+    batch_size: int = _f("crops per step", ge=1)
+    lr: float = _f("AdamW peak learning rate (fresh optimizer)", gt=0)
+
+
 class TrainTeacher(Section):
     vae_steps: int = _f("AutoencoderKL optimisation steps", ge=1)
     unet_steps: int = _f("U-Net denoising steps", ge=1)
@@ -83,12 +92,8 @@ class TrainTeacher(Section):
     vae_crops: int = _f("random crops drawn once for the VAE", ge=1)
     vae_crop_px: int = _f("VAE trains on small crops: it is convolutional, and many times cheaper",
                           ge=8, multiple_of=8)
-    vae_tune_steps: int = _f("then this many VAE steps on larger crops, so that the inside of a tile "
-                             "decodes like a crop's border (0: none)", ge=0)
-    vae_tune_crop_px: int = _f("side of those larger crops (their count keeps vae_crops' pixels)",
-                               ge=8, multiple_of=8)
-    vae_tune_batch_size: int = _f("larger crops per VAE step", ge=1)
-    vae_tune_lr: float = _f("AdamW peak learning rate of that leg (one-cycle, fresh optimizer)", gt=0)
+    vae_tune: TuneLeg = _f("then a second leg on larger crops, so that the inside of a tile decodes like "
+                           "a crop's border")
     sample_steps: int = _f("DDIM steps for the sample grid and caption accuracy", ge=1)
     guidance_scale: float = _f("classifier-free guidance for samples", ge=0)
     samples_per_prompt: int = _f("samples per prompt for the grid and caption accuracy", ge=1)
@@ -153,12 +158,7 @@ class SlimVae(Section):
     lr: float = _f("AdamW peak learning rate (one-cycle)", gt=0)
     crops: int = _f("training crops drawn once from the train split", ge=1)
     crop_px: int = _f("crop side (small: the VAE is convolutional)", ge=8, multiple_of=8)
-    tune_steps: int = _f("then this many steps of the chosen option on larger crops, a fresh one-cycle "
-                         "run, as the teacher's VAE ends (0: none)", ge=0)
-    tune_crop_px: int = _f("side of those larger crops (their count keeps the crops' pixels)",
-                           ge=8, multiple_of=8)
-    tune_batch_size: int = _f("larger crops per step", ge=1)
-    tune_lr: float = _f("AdamW peak learning rate of that leg", gt=0)
+    tune: TuneLeg = _f("then a second leg of the chosen option on larger crops, as the teacher's VAE ends")
     w_latent: float = _f("weight of latent match (mean and log-variance vs the teacher's)", ge=0)
     w_kl: float = _f("weight of the KL term, as in SD's autoencoder", ge=0)
     w_recon: float = _f("weight of L1 reconstruction", ge=0)
@@ -234,12 +234,24 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+def _model_at(section: str, loc: tuple) -> type[Section]:
+    """The model of a section, or of the group reached by `loc` inside it."""
+    model = SECTIONS[section]
+    for part in loc:
+        model = model.model_fields[part].annotation
+    return model
+
+
 def _describe(section: str, err: dict) -> str:
     """One line for one pydantic error, in the study's words."""
     key = ".".join([section, *map(str, err["loc"])])
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
-        return f"{key}: unknown key; {section} allows {sorted(SECTIONS[section].model_fields)}"
+        group = ".".join([section, *map(str, err["loc"][:-1])])  # a key inside a group (slim_vae.tune)
+        return f"{key}: unknown key; {group} allows {sorted(_model_at(section, err['loc'][:-1]).model_fields)}"
+    if kind == "model_type":
+        return (f"{key}: expected a group of keys {sorted(_model_at(section, err['loc']).model_fields)}, "
+                f"got {type(value).__name__} {value!r}")
     if kind == "missing":
         return f"{key}: missing"
     if kind.endswith("_type") or kind in ("int_from_float", "bool_parsing", "int_parsing"):
@@ -266,7 +278,7 @@ def _section_problems(section: str, values, partial: bool) -> list[str]:
         SECTIONS[section].model_validate(values)
     except ValidationError as err:
         return [_describe(section, e) for e in err.errors(include_url=False)
-                if not (partial and e["type"] == "missing")]
+                if not (partial and e["type"] == "missing" and len(e["loc"]) == 1)]  # a group comes whole
     return []
 
 
@@ -367,7 +379,8 @@ class _Section:
         values = object.__getattribute__(self, "_values")
         if key not in values:
             raise AttributeError(f"{self._name}.{key} was not given to this stage; list it in dvc.yaml")
-        return values[key]
+        value = values[key]  # a nested group (e.g. slim_vae.tune) reads the same way: cfg.tune.steps
+        return _Section(f"{self._name}.{key}", value) if isinstance(value, dict) else value
 
     def __setattr__(self, key, value):
         raise AttributeError("parameters are read-only; change params.yaml or the parameters cell")

@@ -32,12 +32,12 @@ class VaePhase:
     lr: float
 
 
-def tune_phase(photos: list[torch.Tensor], crops: int, crop_px: int, px: int, steps: int, batch_size: int,
-               lr: float, generator: torch.Generator) -> VaePhase:
-    """A second leg on crops of `px`: as many pixels in all as `crops` crops of `crop_px` (the first leg's),
-    so a larger crop size means fewer crops, not more memory."""
-    larger, _ = random_crops(photos, crops * crop_px ** 2 // px ** 2, px, generator)
-    return VaePhase(larger, steps, batch_size, lr)
+def tune_phase(photos: list[torch.Tensor], crops: int, crop_px: int, leg, generator: torch.Generator) -> VaePhase:
+    """The second leg `leg` (a params group with `steps`, `crop_px`, `batch_size` and `lr`, such as
+    `train_teacher.vae_tune`) on as many pixels in all as `crops` crops of `crop_px` (the first leg's):
+    a larger crop size means fewer crops, not more memory."""
+    larger, _ = random_crops(photos, crops * crop_px ** 2 // leg.crop_px ** 2, leg.crop_px, generator)
+    return VaePhase(larger, leg.steps, leg.batch_size, leg.lr)
 
 
 @dataclass

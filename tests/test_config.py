@@ -17,8 +17,11 @@ def bad(**changes):
     """params.yaml with `section.key: value` changes, validated as the study's own file is."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        data[section][key] = value
+        *path, key = dotted.split("__")
+        where = data
+        for part in path:
+            where = where[part]
+        where[key] = value
     return config.check(root=ROOT, **data)
 
 
@@ -33,6 +36,10 @@ def bad(**changes):
     ({"measure_baseline_cost__overlap_px": 600}, "overlap_px: 600 must be below tile_px (512)"),
     ({"slim_vae__option": "w1/8"}, "slim_vae.option: unknown option 'w1/8'"),
     ({"train_teacher__vae_crop_px": 36}, "train_teacher.vae_crop_px: must be a multiple of 8, got 36"),
+    ({"slim_vae__tune__stpes": 3},
+     "slim_vae.tune.stpes: unknown key; slim_vae.tune allows ['batch_size', 'crop_px', 'lr', 'steps']"),
+    ({"train_teacher__vae_tune__crop_px": 36}, "train_teacher.vae_tune.crop_px: must be a multiple of 8, got 36"),
+    ({"slim_vae__tune": 500}, "slim_vae.tune: expected a group of keys ['batch_size', 'crop_px', 'lr', 'steps'], got int 500"),
     ({"base__latency_backend": "npu"}, "base.latency_backend: 'npu' is not one of"),
     ({"base__latency_backend": "qai-hub"}, "base.latency_backend: 'qai-hub' has no complete SM8750 table"),
     ({"base__threads": True}, "base.threads: expected int, got bool"),
@@ -75,6 +82,13 @@ def test_a_missing_key_is_named(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(config.ParamsError, match=r"train_teacher.unet_steps: missing"):
         config.load(tmp_path / "params.yaml")
+
+
+def test_a_group_is_given_whole_and_read_by_attribute():
+    leg = {"steps": 10, "crop_px": 64, "batch_size": 2, "lr": 1e-3}
+    assert config.check(slim_vae={"tune": leg}).slim_vae.tune.crop_px == 64
+    with pytest.raises(config.ParamsError, match="slim_vae.tune.lr: missing"):
+        config.check(slim_vae={"tune": {k: v for k, v in leg.items() if k != "lr"}})
 
 
 def test_reading_an_unlisted_key_fails():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from nanosd_lib import data, quality, training, vae
+from nanosd_lib import config, data, quality, training, vae
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,8 @@ def test_the_tune_leg_trains_the_slim_vae_on_its_own_crops(young_teacher, crops)
 
 def test_tune_phase_keeps_the_pixels_of_the_first_leg():
     photos = [torch.zeros(1, 3, 96, 128)]
-    leg = training.tune_phase(photos, 64, 32, 64, 10, 2, 1e-3, torch.Generator().manual_seed(0))
+    group = config.check(slim_vae={"tune": {"steps": 10, "crop_px": 64, "batch_size": 2, "lr": 1e-3}}).slim_vae.tune
+    leg = training.tune_phase(photos, 64, 32, group, torch.Generator().manual_seed(0))
     assert leg.crops.shape == (16, 3, 64, 64) and (leg.steps, leg.batch_size, leg.lr) == (10, 2, 1e-3)
 
 
