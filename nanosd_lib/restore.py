@@ -123,18 +123,32 @@ def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
     return tile_grid(max(width, tile), max(height, tile), tile, overlap).count
 
 
-def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
-                 workdir, rounds: int = 4, seed: int = 0) -> dict[str, float]:
-    """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime.
+class VaeAlone(nn.Module):
+    """A restorer without its U-Net: LQ -> VAE encoder -> decoder, images in [0, 1]. Timed beside the
+    restorers, it is the part of a tile that no U-Net behind this VAE can speed up."""
 
-    The restorers are timed interleaved, in `rounds` shuffled rounds of `runs` calls each (as the
-    latency tables are), and each keeps its median over rounds: a slow phase of the machine then
-    lands on all of them rather than on whichever was timed during it."""
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.vae.encode(lq * 2 - 1).latent_dist.mean).sample.add(1).div(2)
+
+
+def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
+                 workdir, rounds: int = 4, seed: int = 0, extra: dict | None = None) -> dict[str, float]:
+    """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime, and
+    through each module of `extra` ({name: module}, e.g. a `VaeAlone`) in the same rounds.
+
+    Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each (as the latency
+    tables are), and each keeps its median over rounds: a slow phase of the machine then lands on all
+    of them rather than on whichever was timed during it."""
     from .latency import interleaved_timings, onnx_session
 
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
-    calls = {name: onnx_session(restorers[task, name].eval(), (x,), Path(workdir) / f"{name}.onnx", threads)
-             for name in bar(names, desc="tile latency: export")}
+    modules = {**{name: restorers[task, name] for name in names}, **(extra or {})}
+    calls = {name: onnx_session(m.eval(), (x,), Path(workdir) / f"{name.replace(' ', '_')}.onnx", threads)
+             for name, m in bar(modules.items(), desc="tile latency: export")}
     timings = interleaved_timings(calls, rounds, runs, 2, seed, desc=f"tile latency: {rounds} rounds")
     return timings.groupby("item").ms.median().to_dict()
 

@@ -1,4 +1,6 @@
 """A restorer saved by stage 08 comes back identical, and restores a photo file of any size in one call."""
+import copy
+
 import pytest
 import torch
 from torchvision.io import decode_image, write_png
@@ -58,7 +60,16 @@ def test_tile_latency_times_every_restorer_interleaved(restorer, tmp_path, monke
     monkeypatch.setattr(latency, "interleaved_timings", spy)
     one_conv = torch.nn.Conv2d(3, 3, 1)  # a stand-in far cheaper than VAE + U-Net + VAE: names can't swap
     restorers = {("sr_x4", "a"): restorer, ("sr_x4", "b"): one_conv}
-    ms = restore.tile_latency(restorers, ["a", "b"], "sr_x4", 32, 1, 2, tmp_path, rounds=3)
-    assert seen == [(["a", "b"], 3, 2)]  # one interleaved timing of both, 3 rounds of 2 calls
-    assert set(ms) == {"a", "b"} and ms["a"] > ms["b"] > 0
-    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx"}
+    ms = restore.tile_latency(restorers, ["a", "b"], "sr_x4", 32, 1, 2, tmp_path, rounds=3,
+                              extra={"vae alone": restore.VaeAlone(restorer.vae)})
+    assert seen == [(["a", "b", "vae alone"], 3, 2)]  # one interleaved timing of all, 3 rounds of 2 calls
+    assert set(ms) == {"a", "b", "vae alone"} and ms["a"] > ms["b"] > 0 and ms["vae alone"] > ms["b"]
+    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx", "vae_alone.onnx"}
+
+
+def test_the_vae_alone_is_the_restorer_without_its_unet(restorer):
+    lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    skip = copy.copy(restorer)
+    skip.clean_latent = lambda z: z  # the U-Net's step left out: the latent goes straight to the decoder
+    with torch.no_grad():
+        torch.testing.assert_close(restore.VaeAlone(restorer.vae)(lq), skip(lq))
