@@ -175,7 +175,7 @@ def profile_int8(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
     'int8:<key>' with all three job ids."""
     import qai_hub as hub
 
-    from .latency import export_onnx
+    from .timing import export_onnx
 
     cache_path, key = Path(cache_path), f"int8:{key}"
     cache = read_cache(cache_path)

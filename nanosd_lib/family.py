@@ -119,7 +119,8 @@ def latency_table(table: dict) -> tuple[float, dict]:
 
 def flops_table(base, inputs: dict) -> tuple[float, dict]:
     """Forward FLOPs of the fixed parts and of every (stage, option), counted on their real inputs."""
-    from .latency import count_flops, stage_callables
+    from .latency import stage_callables
+    from .timing import count_flops
 
     calls, args = stage_callables(base, inputs)
     per = {(n.split("/")[0], int(n.split("/")[1])): count_flops(calls[n], args[n]) for n in calls if n != "fixed"}

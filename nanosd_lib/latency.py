@@ -1,4 +1,5 @@
-"""Latency is measured, not estimated: warm-up, then medians of timed runs at a fixed thread count.
+"""Latency tables: what a candidate U-Net costs a tile, measured, not estimated (how things are timed:
+`timing`).
 
 A candidate's latency is read from a table, `fixed_ms` + one cost per chosen (stage, option), so all
 32,768 architectures can be ranked without timing them. The costs are fitted on whole-model
@@ -14,14 +15,10 @@ import json
 import math
 import platform
 import random
-import statistics
 import time
-import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -33,39 +30,8 @@ from .baseline import count_params
 from .progress import bar
 from .space import DECODERS, STAGES, Arch, enumerate_space, option_names, options
 from .space import sample as sample_space
-
-BACKENDS = ("torch", "onnxruntime")
-
-
-def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
-    """Median wall time of `fn()` in milliseconds, after `warmup` untimed calls.
-
-    CUDA work is synchronised around each call so that the clock sees the kernels, not the launch.
-    """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int,
-                    batch: int = 1) -> float:
-    """One denoising step of a U-Net at its latent size (batch 1: one tile), inputs of SD's shapes."""
-    cfg = unet.config
-    device = next(unet.parameters()).device
-    sample = torch.randn(batch, cfg.in_channels, latent_px, latent_px, device=device)
-    text = torch.randn(batch, text_len, cfg.cross_attention_dim, device=device)
-    t = torch.full((batch,), 500, device=device)
-    return median_ms(lambda: unet(sample, t, encoder_hidden_states=text), runs)
-
+from .timing import (BACKENDS, count_flops, host_call, interleaved_timings, median_ms, summarise, torch_call,
+                     torch_threads)
 
 # --- What is timed: every (stage, option), the fixed parts, whole models ---------------------------
 #
@@ -175,107 +141,6 @@ def stage_callables(base, inputs: dict) -> tuple[Mapping, dict]:
     builders["fixed"] = lambda: _FixedCall(ref)
     args["fixed"] = (inputs["sample"], inputs["timestep"], rec.calls["stages.D1"][0][2])
     return _Lazy(builders), args
-
-
-def export_onnx(module: nn.Module, args: tuple, path: Path, names: Sequence[str] | None = None
-                ) -> list[str]:
-    """Export with the TorchScript exporter (opset 18); returns the input names the graph kept
-    (the exporter drops inputs a module ignores, e.g. the text of a stage without attention)."""
-    import onnx
-
-    names = list(names or [f"in{i}" for i in range(len(args))])
-    with warnings.catch_warnings():  # shape checks the tracer freezes: fine at one fixed shape
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=18,
-                          input_names=names)
-    kept = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
-    return [n for n in names if n in kept]
-
-
-def ort_session(path: Path, threads: int):
-    """An ONNX Runtime CPU session at a fixed thread count."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    # Idle pool threads otherwise spin for a while after each run; with many sessions timed back to
-    # back, one session's spinning threads would steal the cores from the next one's run.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_session(module: nn.Module, args: tuple, path: Path, threads: int):
-    """Export `module` and return a no-argument callable that runs it in its own session."""
-    names = [f"in{i}" for i in range(len(args))]
-    kept = export_onnx(module, args, path, names)
-    sess = ort_session(path, threads)
-    feeds = {n: a.numpy() for n, a in zip(names, args) if n in kept}
-    return lambda: sess.run(None, feeds)
-
-
-def _torch_call(module: nn.Module, args: tuple):
-    module.eval()
-
-    def run():
-        with torch.no_grad():
-            return module(*args)
-    return run
-
-
-def host_call(backend: str, module: nn.Module, args: tuple, threads: int, workdir: Path, name: str):
-    """A no-argument callable running `module(*args)` on a host backend (ONNX: exported once here)."""
-    if backend == "torch":
-        return _torch_call(module, args)
-    if backend == "onnxruntime":
-        return onnx_session(module, args, Path(workdir) / f"{name.replace('/', '_')}.onnx", threads)
-    raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS} (or 'qai-hub')")
-
-
-def time_callable(backend: str, module: nn.Module, args: tuple, runs: int, threads: int,
-                  workdir: Path, name: str, warmup: int = 2) -> float:
-    """One module timed alone (median of `runs` after `warmup` calls): for a quick number, not for the
-    table. Fewer warm-up calls suit a module that takes seconds a call (SD-1.5's VAE decoder)."""
-    with torch_threads(threads):
-        return median_ms(host_call(backend, module, args, threads, workdir, name), runs, warmup)
-
-
-@contextmanager
-def torch_threads(threads: int):
-    """torch's intra-op thread count fixed inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# --- Interleaved timing -------------------------------------------------------------------------
-
-
-def interleaved_timings(calls: Mapping[str, Callable[[], object]], rounds: int, runs: int,
-                        warmup: int = 1, seed: int = 0, desc: str = "timing") -> pd.DataFrame:
-    """Every callable timed once per round (median of `runs` after `warmup`), in a freshly shuffled
-    order each round. Rows: item, round, ms. A slow phase of the machine then lands on a random mix
-    of items instead of on whichever group happened to be timed during it."""
-    rng = random.Random(seed)
-    order, rows = list(calls), []
-    for r in bar(range(rounds), desc=desc):
-        rng.shuffle(order)
-        for name in order:
-            rows.append({"item": name, "round": r, "ms": median_ms(calls[name], runs, warmup)})
-    return pd.DataFrame(rows)
-
-
-def summarise(timings: pd.DataFrame) -> pd.DataFrame:
-    """Per item: the median over all rounds (`ms`), and over the first and the second half of the
-    rounds (two independent repeats of the same measurement, for the noise floor)."""
-    half = timings["round"].nunique() // 2
-    first = timings[timings["round"] < half].groupby("item").ms.median()
-    second = timings[timings["round"] >= half].groupby("item").ms.median()
-    return pd.DataFrame({"ms": timings.groupby("item").ms.median(), "first_half_ms": first,
-                         "second_half_ms": second})
 
 
 # --- Fitting the table on whole models ----------------------------------------------------------
@@ -585,7 +450,7 @@ def measure_sd15_width(threads: int, runs: int = 3, random_models: int = 3, seed
     with torch_threads(threads):
         for name in bar(modules, desc="sd15 width: modules"):
             module = modules[name]  # built here, freed at the next iteration
-            raw[name] = median_ms(_torch_call(module, args[name]), runs)
+            raw[name] = median_ms(torch_call(module, args[name]), runs)
             del module
         table = {"fixed_ms": raw.pop("fixed"), "modules": raw}
         fastest = min(enumerate_space(), key=lambda a: predict_ms(table, a))
@@ -595,7 +460,7 @@ def measure_sd15_width(threads: int, runs: int = 3, random_models: int = 3, seed
         rows = []
         for kind, arch in bar(archs, desc="sd15 width: whole models"):
             net = student.from_base(base, arch)[0]
-            ms = median_ms(_torch_call(WholeCall(net), tuple(inputs.values())), runs)
+            ms = median_ms(torch_call(WholeCall(net), tuple(inputs.values())), runs)
             rows.append({"model": arch.id, "set": kind, "measured_ms": ms,
                          "params": count_params(net),
                          "module_sum_ms": predict_ms(table, arch)})
@@ -637,15 +502,6 @@ def table_meta(backend: str, threads: int, runs: int, inputs: dict, scale: str) 
             "scale": scale, "machine": machine(), "python": platform.python_version(),
             "shapes": {k: list(v.shape) for k, v in inputs.items()}}
 
-
-def count_flops(module: nn.Module, args: tuple) -> int:
-    """Forward FLOPs of one call, counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        module(*args)
-    return counter.get_total_flops()
 
 
 def load_table(backend: str, data_dir: str | Path) -> dict:

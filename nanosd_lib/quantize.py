@@ -34,7 +34,8 @@ import torch
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quant_pre_process, quantize_static)
 
-from .latency import WholeCall, export_onnx, median_ms, ort_session
+from .latency import WholeCall
+from .timing import export_onnx, median_ms, ort_session
 
 OPS = ("Conv", "MatMul", "Gemm")  # the weight-bearing ops (activation x activation MatMuls excluded)
 

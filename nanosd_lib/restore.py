@@ -42,6 +42,16 @@ class FineTune:
     timestep: int  # the fixed timestep the LQ latent is read at
 
 
+def encode(vae, image: torch.Tensor) -> torch.Tensor:
+    """A [0, 1] image to its scaled latent (the posterior mean, as a one-step restorer reads it)."""
+    return vae.encode(image * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+
+
+def decode(vae, latent: torch.Tensor) -> torch.Tensor:
+    """A scaled latent to its image in [0, 1] (not clamped: training sees the overshoot)."""
+    return vae.decode(latent / vae.config.scaling_factor).sample.add(1).div(2)
+
+
 class Restorer(nn.Module):
     """VAE encoder -> U-Net once at `timestep` -> clean latent -> VAE decoder; images in [0, 1]."""
 
@@ -65,10 +75,7 @@ class Restorer(nn.Module):
         return (z - self.s * pred) / max(self.a, 1e-4)  # epsilon: x0 = (z - s eps) / a
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        scale = self.vae.config.scaling_factor
-        z = self.vae.encode(lq * 2 - 1).latent_dist.mean * scale
-        x = self.vae.decode(self.clean_latent(z) / scale).sample
-        return x.add(1).div(2)
+        return decode(self.vae, self.clean_latent(encode(self.vae, lq)))
 
 
 def make_lq(hq: torch.Tensor, task: str, generator: torch.Generator) -> torch.Tensor:
@@ -123,6 +130,9 @@ def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
     return tile_grid(max(width, tile), max(height, tile), tile, overlap).count
 
 
+# --- The parts of a tile, each timed alone beside the whole restorers ------------------------------
+
+
 class VaeAlone(nn.Module):
     """A restorer without its U-Net: LQ -> VAE encoder -> decoder, images in [0, 1]. Timed beside the
     restorers, it is the part of a tile that no U-Net behind this VAE can speed up."""
@@ -132,22 +142,43 @@ class VaeAlone(nn.Module):
         self.vae = vae
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.vae.encode(lq * 2 - 1).latent_dist.mean).sample.add(1).div(2)
+        return decode(self.vae, encode(self.vae, lq))
+
+
+class UnetAlone(nn.Module):
+    """A restorer's U-Net step alone: scaled latent -> clean latent, no VAE. Per tile, this is what the
+    seed's figures count (116 ms for SD-1.5, 20-29 ms for NanoSD's models: U-Net only)."""
+
+    def __init__(self, restorer: Restorer):
+        super().__init__()
+        self.restorer = restorer
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.restorer.clean_latent(latent)
+
+    def example(self, tile: int) -> torch.Tensor:
+        """A latent of one `tile`-px tile, the input it is timed on."""
+        vae = self.restorer.vae
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return torch.randn(1, vae.config.latent_channels, tile // f, tile // f,
+                           generator=torch.Generator().manual_seed(0))
 
 
 def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
                  workdir, rounds: int = 4, seed: int = 0, extra: dict | None = None) -> dict[str, float]:
     """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime, and
-    through each module of `extra` ({name: module}, e.g. a `VaeAlone`) in the same rounds.
+    through each part of `extra` ({name: module}: a `VaeAlone` takes the tile, a `UnetAlone` its
+    latent) in the same rounds.
 
     Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each (as the latency
     tables are), and each keeps its median over rounds: a slow phase of the machine then lands on all
     of them rather than on whichever was timed during it."""
-    from .latency import interleaved_timings, onnx_session
+    from .timing import interleaved_timings, onnx_session
 
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
     modules = {**{name: restorers[task, name] for name in names}, **(extra or {})}
-    calls = {name: onnx_session(m.eval(), (x,), Path(workdir) / f"{name.replace(' ', '_')}.onnx", threads)
+    calls = {name: onnx_session(m.eval(), (m.example(tile) if isinstance(m, UnetAlone) else x,),
+                                Path(workdir) / f"{name.replace(' ', '_')}.onnx", threads)
              for name, m in bar(modules.items(), desc="tile latency: export")}
     timings = interleaved_timings(calls, rounds, runs, 2, seed, desc=f"tile latency: {rounds} rounds")
     return timings.groupby("item").ms.median().to_dict()
@@ -161,7 +192,7 @@ def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: i
 
     from . import student, surgery
     from .baseline import SD15_UNET, tile_grid
-    from .latency import unet_forward_ms
+    from .timing import unet_forward_ms
     from .space import Arch
 
     grid = tile_grid(photo.image_width, photo.image_height, photo.tile_px, photo.overlap_px)
@@ -267,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overlap", type=int, help="tile overlap in pixels (default: the restorer's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     args = parser.parse_args(argv)
-    from .latency import torch_threads
+    from .timing import torch_threads
 
     t0 = time.perf_counter()
     with torch_threads(args.threads):

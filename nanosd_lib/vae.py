@@ -29,7 +29,7 @@ from torch import nn
 
 from .baseline import SD15_VAE, count_params, model_config
 from .data import to_unit
-from .latency import host_call, interleaved_timings, time_callable, torch_threads
+from .timing import host_call, interleaved_timings, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
 from .training import VaePhase, leg_steps, optimizer_step, vae_quality
@@ -365,7 +365,7 @@ def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: Autoencod
     and ONNX Runtime; with `sd15`, at the SD tile (64x64 latents, 512 px) with random weights, decode on
     both backends and encode on torch (restoration encodes every tile).
 
-    Each width's calls are timed in interleaved rounds (`latency.interleaved_timings`), so a slow phase
+    Each width's calls are timed in interleaved rounds (`timing.interleaved_timings`), so a slow phase
     of the machine lands on both VAEs rather than on whichever was timed during it; a speed-up is a
     ratio of the two. Study tile: median of `runs` rounds, one warm-up call per round. SD tile (seconds a
     call on 2 threads): median of `sd15_runs` rounds (default `runs`) with no separate warm-up, so the

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nanosd_lib import family, latency, quality, space, student, surgery
+from nanosd_lib import family, latency, quality, space, student, surgery, timing
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_flops_table_matches_whole_models(base):
     flops = family.additive(*family.flops_table(base, inputs), family.candidates()[0])
     for arch_id in ("e000-d000", "e321-d654"):
         arch = space.Arch.parse(arch_id)
-        whole = latency.count_flops(latency.WholeCall(student.from_base(base, arch)[0]), tuple(inputs.values()))
+        whole = timing.count_flops(latency.WholeCall(student.from_base(base, arch)[0]), tuple(inputs.values()))
         index = family.candidates()[1].index(arch_id)
         assert flops[index] == pytest.approx(whole, rel=0.02), arch_id
 

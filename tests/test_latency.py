@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanosd_lib import latency, space, student, surgery
+from nanosd_lib import latency, space, student, surgery, timing
 
 
 @pytest.fixture(scope="module")
@@ -14,14 +14,6 @@ def base(smoke_teacher):
 def callables(base):
     inputs = latency.example_inputs(base.config, 8, 8)
     return inputs, *latency.stage_callables(base, inputs)
-
-
-def test_median_ms_takes_the_median_after_warmup(monkeypatch):
-    ticks = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.003])  # timed calls of 5, 1 and 3 ms
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(ticks))
-    calls = []
-    assert latency.median_ms(lambda: calls.append(1), runs=3, warmup=2) == pytest.approx(3.0)
-    assert len(calls) == 5
 
 
 def test_prediction_is_fixed_plus_the_chosen_options():
@@ -71,15 +63,7 @@ def test_fit_and_check_models_are_disjoint_and_cover_every_option():
         assert counts.min() >= 47 // len(space.options(stage)), stage
 
 
-def test_rounds_time_every_item_once_in_a_fresh_order():
-    seen = []
-    calls = {name: (lambda name=name: seen.append(name)) for name in "abcdef"}
-    timings = latency.interleaved_timings(calls, rounds=4, runs=2, warmup=1, seed=0)
-    assert len(timings) == 24 and (timings.groupby("item").size() == 4).all()
-    orders = [tuple(seen[i * 18:(i + 1) * 18:3]) for i in range(4)]  # 3 calls per item per round
-    assert len(set(orders)) > 1 and all(sorted(o) == list("abcdef") for o in orders)
-    summary = latency.summarise(timings)
-    assert list(summary.columns) == ["ms", "first_half_ms", "second_half_ms"]
+def test_a_table_plan_needs_two_rounds_for_its_noise_floor():
     with pytest.raises(ValueError, match="TablePlan.rounds=1; it must be an integer >= 2"):
         latency.TablePlan(rounds=1)
 
@@ -102,7 +86,7 @@ def test_every_option_gets_its_real_inputs(base, callables):
 def test_onnx_export_matches_torch(callables, tmp_path, name):
     _, calls, args = callables
     module = calls[name]  # built on each access: keep one
-    run = latency.onnx_session(module, args[name], tmp_path / "m.onnx", threads=1)
+    run = timing.onnx_session(module, args[name], tmp_path / "m.onnx", threads=1)
     with torch.no_grad():
         want = module(*args[name])
     want = want if isinstance(want, tuple) else (want,)
@@ -113,11 +97,11 @@ def test_onnx_export_matches_torch(callables, tmp_path, name):
 def test_both_backends_time_a_whole_model(base, tmp_path):
     nano, _ = student.from_base(base, space.Arch.parse("e333-d777"))
     inputs = tuple(latency.example_inputs(base.config, 8, 8).values())
-    for backend in latency.BACKENDS:
-        ms = latency.time_callable(backend, latency.WholeCall(nano), inputs, 3, 1, tmp_path, "w")
+    for backend in timing.BACKENDS:
+        ms = timing.time_callable(backend, latency.WholeCall(nano), inputs, 3, 1, tmp_path, "w")
         assert 0 < ms < 10_000
     with pytest.raises(ValueError, match="latency.backend 'tflite' is not one of"):
-        latency.time_callable("tflite", nano, inputs, 3, 1, tmp_path, "w")
+        timing.time_callable("tflite", nano, inputs, 3, 1, tmp_path, "w")
     named = latency.example_inputs(base.config, 8, 8)
     timed = latency.time_models("onnxruntime", {"e333-d777": nano}, named, 1, tmp_path, rounds=2, runs=1)
     assert list(timed.model) == ["e333-d777"] and (timed.measured_ms > 0).all()
@@ -127,8 +111,8 @@ def test_flops_grow_with_the_architecture(base):
     inputs = tuple(latency.example_inputs(base.config, 8, 8).values())
     small, _ = student.from_base(base, space.Arch.parse("e333-d777"))
     big, _ = student.from_base(base, space.Arch.teacher())
-    assert 0 < latency.count_flops(latency.WholeCall(small), inputs) < \
-        latency.count_flops(latency.WholeCall(big), inputs)
+    assert 0 < timing.count_flops(latency.WholeCall(small), inputs) < \
+        timing.count_flops(latency.WholeCall(big), inputs)
 
 
 def test_one_cold_run_gives_the_fitted_table_and_its_check(base, smoke_teacher, tmp_path):

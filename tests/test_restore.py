@@ -48,23 +48,29 @@ def test_a_folder_without_a_restorer_is_refused(tmp_path, restorer):
 
 
 def test_tile_latency_times_every_restorer_interleaved(restorer, tmp_path, monkeypatch):
-    from nanosd_lib import latency
+    from nanosd_lib import timing
 
     seen = []
-    real = latency.interleaved_timings
+    real = timing.interleaved_timings
 
     def spy(calls, rounds, runs, *args, **kwargs):
         seen.append((sorted(calls), rounds, runs))
         return real(calls, rounds, runs, *args, **kwargs)
 
-    monkeypatch.setattr(latency, "interleaved_timings", spy)
+    monkeypatch.setattr(timing, "interleaved_timings", spy)
     one_conv = torch.nn.Conv2d(3, 3, 1)  # a stand-in far cheaper than VAE + U-Net + VAE: names can't swap
     restorers = {("sr_x4", "a"): restorer, ("sr_x4", "b"): one_conv}
     ms = restore.tile_latency(restorers, ["a", "b"], "sr_x4", 32, 1, 2, tmp_path, rounds=3,
-                              extra={"vae alone": restore.VaeAlone(restorer.vae)})
-    assert seen == [(["a", "b", "vae alone"], 3, 2)]  # one interleaved timing of all, 3 rounds of 2 calls
-    assert set(ms) == {"a", "b", "vae alone"} and ms["a"] > ms["b"] > 0 and ms["vae alone"] > ms["b"]
-    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx", "vae_alone.onnx"}
+                              extra={"vae alone": restore.VaeAlone(restorer.vae),
+                                     "unet alone": restore.UnetAlone(restorer)})
+    assert seen == [(["a", "b", "unet alone", "vae alone"], 3, 2)]  # one interleaved timing, 3 rounds of 2
+    assert set(ms) == {"a", "b", "vae alone", "unet alone"} and ms["a"] > ms["b"] > 0
+    assert ms["a"] > max(ms["vae alone"], ms["unet alone"]) and min(ms["vae alone"], ms["unet alone"]) > ms["b"]
+    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx", "vae_alone.onnx", "unet_alone.onnx"}
+    import onnx  # the U-Net alone was exported on its latent (tile / 8), not on the tile
+
+    dims = onnx.load(str(tmp_path / "unet_alone.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 4, 4, 4]
 
 
 def test_the_vae_alone_is_the_restorer_without_its_unet(restorer):
@@ -73,3 +79,12 @@ def test_the_vae_alone_is_the_restorer_without_its_unet(restorer):
     skip.clean_latent = lambda z: z  # the U-Net's step left out: the latent goes straight to the decoder
     with torch.no_grad():
         torch.testing.assert_close(restore.VaeAlone(restorer.vae)(lq), skip(lq))
+
+
+def test_the_unet_alone_is_the_step_between_encoder_and_decoder(restorer):
+    lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    unet = restore.UnetAlone(restorer)
+    with torch.no_grad():
+        latent = restore.encode(restorer.vae, lq)
+        assert latent.shape == (2, *unet.example(32).shape[1:])  # timed on the shape a tile gives
+        torch.testing.assert_close(restore.decode(restorer.vae, unet(latent)), restorer(lq))

@@ -1,0 +1,172 @@
+"""How anything here is timed: warm-up, then the median of timed runs, at a fixed thread count, on a host
+backend (torch eager, or ONNX Runtime on the CPU with a session of the module's own export).
+
+Items that are compared are timed interleaved (`interleaved_timings`), in freshly shuffled rounds, so
+that whatever drifts on a machine (clock, neighbours, thermal state) lands on all of them alike. The
+latency tables (`latency`), the VAE options (`vae`), the restorers' tiles (`restore`) and the
+quantised models (`quantize`) all time this way.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .progress import bar
+
+BACKENDS = ("torch", "onnxruntime")  # host backends; latency tables may also come from AI Hub (`aihub`)
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+    """Median wall time of `fn()` in milliseconds, after `warmup` untimed calls.
+
+    CUDA work is synchronised around each call so that the clock sees the kernels, not the launch.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int,
+                    batch: int = 1) -> float:
+    """One denoising step of a U-Net at its latent size (batch 1: one tile), inputs of SD's shapes."""
+    cfg = unet.config
+    device = next(unet.parameters()).device
+    sample = torch.randn(batch, cfg.in_channels, latent_px, latent_px, device=device)
+    text = torch.randn(batch, text_len, cfg.cross_attention_dim, device=device)
+    t = torch.full((batch,), 500, device=device)
+    return median_ms(lambda: unet(sample, t, encoder_hidden_states=text), runs)
+
+
+# --- Host backends ------------------------------------------------------------------------------
+
+
+def export_onnx(module: nn.Module, args: tuple, path: Path, names: Sequence[str] | None = None
+                ) -> list[str]:
+    """Export with the TorchScript exporter (opset 18); returns the input names the graph kept
+    (the exporter drops inputs a module ignores, e.g. the text of a stage without attention)."""
+    import onnx
+
+    names = list(names or [f"in{i}" for i in range(len(args))])
+    with warnings.catch_warnings():  # shape checks the tracer freezes: fine at one fixed shape
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=18,
+                          input_names=names)
+    kept = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    return [n for n in names if n in kept]
+
+
+def ort_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session at a fixed thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    # Idle pool threads otherwise spin for a while after each run; with many sessions timed back to
+    # back, one session's spinning threads would steal the cores from the next one's run.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(module: nn.Module, args: tuple, path: Path, threads: int):
+    """Export `module` and return a no-argument callable that runs it in its own session."""
+    names = [f"in{i}" for i in range(len(args))]
+    kept = export_onnx(module, args, path, names)
+    sess = ort_session(path, threads)
+    feeds = {n: a.numpy() for n, a in zip(names, args) if n in kept}
+    return lambda: sess.run(None, feeds)
+
+
+def torch_call(module: nn.Module, args: tuple):
+    """A no-argument callable running `module(*args)` in torch eager, in eval mode, without gradients."""
+    module.eval()
+
+    def run():
+        with torch.no_grad():
+            return module(*args)
+    return run
+
+
+def host_call(backend: str, module: nn.Module, args: tuple, threads: int, workdir: Path, name: str):
+    """A no-argument callable running `module(*args)` on a host backend (ONNX: exported once here)."""
+    if backend == "torch":
+        return torch_call(module, args)
+    if backend == "onnxruntime":
+        return onnx_session(module, args, Path(workdir) / f"{name.replace('/', '_')}.onnx", threads)
+    raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS} (or 'qai-hub')")
+
+
+def time_callable(backend: str, module: nn.Module, args: tuple, runs: int, threads: int,
+                  workdir: Path, name: str, warmup: int = 2) -> float:
+    """One module timed alone (median of `runs` after `warmup` calls): for a quick number, not for the
+    table. Fewer warm-up calls suit a module that takes seconds a call (SD-1.5's VAE decoder)."""
+    with torch_threads(threads):
+        return median_ms(host_call(backend, module, args, threads, workdir, name), runs, warmup)
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count fixed inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- Interleaved timing -------------------------------------------------------------------------
+
+
+def interleaved_timings(calls: Mapping[str, Callable[[], object]], rounds: int, runs: int,
+                        warmup: int = 1, seed: int = 0, desc: str = "timing") -> pd.DataFrame:
+    """Every callable timed once per round (median of `runs` after `warmup`), in a freshly shuffled
+    order each round. Rows: item, round, ms. A slow phase of the machine then lands on a random mix
+    of items instead of on whichever group happened to be timed during it."""
+    rng = random.Random(seed)
+    order, rows = list(calls), []
+    for r in bar(range(rounds), desc=desc):
+        rng.shuffle(order)
+        for name in order:
+            rows.append({"item": name, "round": r, "ms": median_ms(calls[name], runs, warmup)})
+    return pd.DataFrame(rows)
+
+
+def summarise(timings: pd.DataFrame) -> pd.DataFrame:
+    """Per item: the median over all rounds (`ms`), and over the first and the second half of the
+    rounds (two independent repeats of the same measurement, for the noise floor)."""
+    half = timings["round"].nunique() // 2
+    first = timings[timings["round"] < half].groupby("item").ms.median()
+    second = timings[timings["round"] >= half].groupby("item").ms.median()
+    return pd.DataFrame({"ms": timings.groupby("item").ms.median(), "first_half_ms": first,
+                         "second_half_ms": second})
+
+
+
+def count_flops(module: nn.Module, args: tuple) -> int:
+    """Forward FLOPs of one call, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*args)
+    return counter.get_total_flops()

@@ -1,0 +1,22 @@
+import pytest
+
+from nanosd_lib import timing
+
+
+def test_median_ms_takes_the_median_after_warmup(monkeypatch):
+    ticks = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.003])  # timed calls of 5, 1 and 3 ms
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
+    calls = []
+    assert timing.median_ms(lambda: calls.append(1), runs=3, warmup=2) == pytest.approx(3.0)
+    assert len(calls) == 5
+
+
+def test_rounds_time_every_item_once_in_a_fresh_order():
+    seen = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in "abcdef"}
+    timings = timing.interleaved_timings(calls, rounds=4, runs=2, warmup=1, seed=0)
+    assert len(timings) == 24 and (timings.groupby("item").size() == 4).all()
+    orders = [tuple(seen[i * 18:(i + 1) * 18:3]) for i in range(4)]  # 3 calls per item per round
+    assert len(set(orders)) > 1 and all(sorted(o) == list("abcdef") for o in orders)
+    summary = timing.summarise(timings)
+    assert list(summary.columns) == ["ms", "first_half_ms", "second_half_ms"]
