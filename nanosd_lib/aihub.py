@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .devicecache import (CHIPSET, DEVICE, code_hash, device_table, module_keys, read_cache,
-                          write_cache)
+from .devicecache import DEVICE, code_hash, device_table, read_cache, write_cache
 
 # AI Hub's accepted input dtypes (submit_compile_job's input_specs).
 DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",

@@ -5,7 +5,7 @@ A candidate's latency is read from a table, `fixed_ms` + one cost per chosen (st
 32,768 architectures can be ranked without timing them. The costs are fitted on whole-model
 measurements with the per-module timings as the prior (`fit_table`), and checked on whole models the
 fit never saw. Modules and whole models are timed interleaved, in shuffled rounds
-(`interleaved_timings`), so that whatever drifts on a machine (clock, neighbours, thermal state) hits
+(`timing.interleaved_timings`), so that whatever drifts on a machine (clock, neighbours, thermal state) hits
 both alike and one cold run gives the table, its check and its noise floor.
 """
 from __future__ import annotations
@@ -305,7 +305,7 @@ def measure_table(backend: str, base, inputs: dict, plan: TablePlan, threads: in
     from . import student
 
     if backend not in BACKENDS:
-        raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS} (or 'qai-hub')")
+        raise ValueError(f"measure_latency.backends: {backend!r} is not a host backend: one of {BACKENDS}")
     start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -453,10 +453,10 @@ def measure_sd15_width(threads: int, runs: int = 3, random_models: int = 3, seed
             raw[name] = median_ms(torch_call(module, args[name]), runs)
             del module
         table = {"fixed_ms": raw.pop("fixed"), "modules": raw}
-        fastest = min(enumerate_space(), key=lambda a: predict_ms(table, a))
-        archs = [("fit", Arch.teacher()), ("fit", fastest)]
+        quickest = fastest(table)
+        archs = [("fit", Arch.teacher()), ("fit", quickest)]
         archs += [("check", a) for a in sample_space(random_models + 2, seed + 5)
-                  if a not in (Arch.teacher(), fastest)][:random_models]
+                  if a not in (Arch.teacher(), quickest)][:random_models]
         rows = []
         for kind, arch in bar(archs, desc="sd15 width: whole models"):
             net = student.from_base(base, arch)[0]
@@ -483,13 +483,13 @@ def measure_sd15_width(threads: int, runs: int = 3, random_models: int = 3, seed
     metrics = {"heldout_mape_%": float(held["error_%"].abs().mean()),
                "heldout_worst_%": float(held["error_%"].abs().max()),
                "base_ms": float(whole.measured_ms[0]), "fastest_ms": float(whole.measured_ms[1]),
-               "fastest_arch": fastest.id, "context_factor": factor,
+               "fastest_arch": quickest.id, "context_factor": factor,
                "seconds": time.perf_counter() - start}
     table["check"] = metrics
     return {"table": table, "whole": whole, "metrics": metrics}
 
 
-# --- Provenance, FLOPs, and the table later stages read ------------------------------------------
+# --- Provenance, and the table later stages read ------------------------------------------------
 
 
 def table_meta(backend: str, threads: int, runs: int, inputs: dict, scale: str) -> dict:
@@ -503,9 +503,8 @@ def table_meta(backend: str, threads: int, runs: int, inputs: dict, scale: str) 
             "shapes": {k: list(v.shape) for k, v in inputs.items()}}
 
 
-
 def load_table(backend: str, data_dir: str | Path) -> dict:
-    """The latency table later stages use, chosen by `latency.backend`: `fixed_ms` + `modules`, so
+    """The latency table later stages use, chosen by `base.latency_backend`: `fixed_ms` + `modules`, so
     `predict_ms(table, arch)` reads any of them. 'qai-hub' assembles the SM8750 table from the
     AI Hub cache and refuses, saying what is missing, until every option is measured."""
     data_dir = Path(data_dir)
@@ -514,7 +513,7 @@ def load_table(backend: str, data_dir: str | Path) -> dict:
 
         return {"source": "qai-hub", **device_table(data_dir / "device" / "sm8750.json")}
     if backend not in BACKENDS:
-        raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS + ('qai-hub',)}")
+        raise ValueError(f"base.latency_backend {backend!r} is not one of {BACKENDS + ('qai-hub',)}")
     path = data_dir / "latency" / f"{backend}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {backend} latency table; run the measure_latency stage")

@@ -147,7 +147,10 @@ class VaeAlone(nn.Module):
 
 class UnetAlone(nn.Module):
     """A restorer's U-Net step alone: scaled latent -> clean latent, no VAE. Per tile, this is what the
-    seed's figures count (116 ms for SD-1.5, 20-29 ms for NanoSD's models: U-Net only)."""
+    seed's device figures count (`measure_baseline_cost.device_tile_ms`: the U-Net only).
+
+    It holds the whole restorer, so its `parameters()` include the VAE's; an ONNX export keeps only the
+    weights the forward uses, the U-Net's."""
 
     def __init__(self, restorer: Restorer):
         super().__init__()
@@ -156,28 +159,26 @@ class UnetAlone(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.restorer.clean_latent(latent)
 
-    def example(self, tile: int) -> torch.Tensor:
-        """A latent of one `tile`-px tile, the input it is timed on."""
-        vae = self.restorer.vae
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        return torch.randn(1, vae.config.latent_channels, tile // f, tile // f,
-                           generator=torch.Generator().manual_seed(0))
+    @torch.no_grad()
+    def tile_input(self, tile: torch.Tensor) -> torch.Tensor:
+        """What it takes for a [1, 3, H, W] tile in [0, 1]: that tile's latent, from the restorer's encoder."""
+        return encode(self.restorer.vae, tile)
 
 
 def tile_latency(restorers: dict, names: list[str], task: str, tile: int, threads: int, runs: int,
                  workdir, rounds: int = 4, seed: int = 0, extra: dict | None = None) -> dict[str, float]:
     """Median ms of one tile through each restorer (encoder + U-Net + decoder) on ONNX Runtime, and
-    through each part of `extra` ({name: module}: a `VaeAlone` takes the tile, a `UnetAlone` its
-    latent) in the same rounds.
+    through each part in `extra` ({name: module}) in the same rounds. Every module takes the tile,
+    except one with a `tile_input` method (a `UnetAlone`), which takes what that method gives for it.
 
-    Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each (as the latency
-    tables are), and each keeps its median over rounds: a slow phase of the machine then lands on all
-    of them rather than on whichever was timed during it."""
+    Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each after two warm-up
+    calls (as the latency tables are), and each keeps its median over rounds: a slow phase of the
+    machine then lands on all of them rather than on whichever was timed during it."""
     from .timing import interleaved_timings, onnx_session
 
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
     modules = {**{name: restorers[task, name] for name in names}, **(extra or {})}
-    calls = {name: onnx_session(m.eval(), (m.example(tile) if isinstance(m, UnetAlone) else x,),
+    calls = {name: onnx_session(m.eval(), (m.tile_input(x) if hasattr(m, "tile_input") else x,),
                                 Path(workdir) / f"{name.replace(' ', '_')}.onnx", threads)
              for name, m in bar(modules.items(), desc="tile latency: export")}
     timings = interleaved_timings(calls, rounds, runs, 2, seed, desc=f"tile latency: {rounds} rounds")

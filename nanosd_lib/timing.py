@@ -1,10 +1,13 @@
-"""How anything here is timed: warm-up, then the median of timed runs, at a fixed thread count, on a host
-backend (torch eager, or ONNX Runtime on the CPU with a session of the module's own export).
+"""How the study times a module on this host: warm-up, then the median of timed runs, at a fixed thread
+count, in torch eager or in ONNX Runtime on the CPU (a session of the module's own export); and what a
+module's forward costs in FLOPs, which the latency tables are compared against.
 
-Items that are compared are timed interleaved (`interleaved_timings`), in freshly shuffled rounds, so
-that whatever drifts on a machine (clock, neighbours, thermal state) lands on all of them alike. The
-latency tables (`latency`), the VAE options (`vae`), the restorers' tiles (`restore`) and the
-quantised models (`quantize`) all time this way.
+Where a ratio of two timings is the result, the items are timed interleaved (`interleaved_timings`), in
+freshly shuffled rounds, so that whatever drifts on a machine (clock, neighbours, thermal state) lands
+on all of them alike: the latency tables' modules and whole models (`latency`), the slim and the
+teacher VAE (`vae.costs`) and the restorers' tiles with their parts (`restore.tile_latency`). A few
+figures are timed one after another instead: the short table of VAE options, the SD-1.5-width models
+(seconds a call), and fp32 against INT8 (`quantize`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from .progress import bar
 
-BACKENDS = ("torch", "onnxruntime")  # host backends; latency tables may also come from AI Hub (`aihub`)
+BACKENDS = ("torch", "onnxruntime")  # host backends; a latency table may also come from the phone (`devicecache`)
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -112,7 +115,7 @@ def host_call(backend: str, module: nn.Module, args: tuple, threads: int, workdi
         return torch_call(module, args)
     if backend == "onnxruntime":
         return onnx_session(module, args, Path(workdir) / f"{name.replace('/', '_')}.onnx", threads)
-    raise ValueError(f"latency.backend {backend!r} is not one of {BACKENDS} (or 'qai-hub')")
+    raise ValueError(f"backend {backend!r} is not a host backend: one of {BACKENDS}")
 
 
 def time_callable(backend: str, module: nn.Module, args: tuple, runs: int, threads: int,
@@ -160,6 +163,8 @@ def summarise(timings: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"ms": timings.groupby("item").ms.median(), "first_half_ms": first,
                          "second_half_ms": second})
 
+
+# --- FLOPs ---------------------------------------------------------------------------------------
 
 
 def count_flops(module: nn.Module, args: tuple) -> int:

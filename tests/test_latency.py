@@ -100,7 +100,7 @@ def test_both_backends_time_a_whole_model(base, tmp_path):
     for backend in timing.BACKENDS:
         ms = timing.time_callable(backend, latency.WholeCall(nano), inputs, 3, 1, tmp_path, "w")
         assert 0 < ms < 10_000
-    with pytest.raises(ValueError, match="latency.backend 'tflite' is not one of"):
+    with pytest.raises(ValueError, match="backend 'tflite' is not a host backend: one of"):
         timing.time_callable("tflite", nano, inputs, 3, 1, tmp_path, "w")
     named = latency.example_inputs(base.config, 8, 8)
     timed = latency.time_models("onnxruntime", {"e333-d777": nano}, named, 1, tmp_path, rounds=2, runs=1)
@@ -165,5 +165,5 @@ def test_later_stages_read_the_table_by_backend(tmp_path):
     assert latency.load_table("onnxruntime", tmp_path)["source"] == "onnxruntime"
     with pytest.raises(ValueError, match="37 of 37 entries missing.*--api_token"):
         latency.load_table("qai-hub", tmp_path)  # nothing measured on the phone yet
-    with pytest.raises(ValueError, match="latency.backend 'npu' is not one of"):
+    with pytest.raises(ValueError, match="base.latency_backend 'npu' is not one of"):
         latency.load_table("npu", tmp_path)

@@ -58,33 +58,52 @@ def test_tile_latency_times_every_restorer_interleaved(restorer, tmp_path, monke
         return real(calls, rounds, runs, *args, **kwargs)
 
     monkeypatch.setattr(timing, "interleaved_timings", spy)
-    one_conv = torch.nn.Conv2d(3, 3, 1)  # a stand-in far cheaper than VAE + U-Net + VAE: names can't swap
+    one_conv = torch.nn.Conv2d(3, 3, 1)  # far cheaper than encoder + U-Net + decoder: names can't swap
     restorers = {("sr_x4", "a"): restorer, ("sr_x4", "b"): one_conv}
     ms = restore.tile_latency(restorers, ["a", "b"], "sr_x4", 32, 1, 2, tmp_path, rounds=3,
                               extra={"vae alone": restore.VaeAlone(restorer.vae),
                                      "unet alone": restore.UnetAlone(restorer)})
     assert seen == [(["a", "b", "unet alone", "vae alone"], 3, 2)]  # one interleaved timing, 3 rounds of 2
     assert set(ms) == {"a", "b", "vae alone", "unet alone"} and ms["a"] > ms["b"] > 0
-    assert ms["a"] > max(ms["vae alone"], ms["unet alone"]) and min(ms["vae alone"], ms["unet alone"]) > ms["b"]
-    assert {p.name for p in tmp_path.iterdir()} >= {"a.onnx", "b.onnx", "vae_alone.onnx", "unet_alone.onnx"}
-    import onnx  # the U-Net alone was exported on its latent (tile / 8), not on the tile
+    assert min(ms["vae alone"], ms["unet alone"]) > ms["b"]
+    size = {p.stem: p.stat().st_size for p in tmp_path.glob("*.onnx")}
+    assert set(size) >= {"a", "b", "vae_alone", "unet_alone"}
+    # the U-Net alone carries the U-Net's weights, not the VAE its module also holds: the parts add up
+    # to the whole restorer (with the VAE's weights counted twice, the sum would be ~1.5x larger)
+    assert 0.9 < (size["unet_alone"] + size["vae_alone"]) / size["a"] < 1.1
+    import onnx  # the U-Net alone was exported on the tile's latent, not on the tile
 
     dims = onnx.load(str(tmp_path / "unet_alone.onnx")).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims] == [1, 4, 4, 4]
+    with torch.no_grad():
+        latent = restore.encode(restorer.vae, torch.rand(1, 3, 32, 32))
+    assert [d.dim_value for d in dims] == list(latent.shape) == [1, 4, 4, 4]
 
 
 def test_the_vae_alone_is_the_restorer_without_its_unet(restorer):
     lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    vae = restorer.vae
+    assert vae.config.scaling_factor != 1  # so a scale applied on one side only would show
     skip = copy.copy(restorer)
     skip.clean_latent = lambda z: z  # the U-Net's step left out: the latent goes straight to the decoder
     with torch.no_grad():
-        torch.testing.assert_close(restore.VaeAlone(restorer.vae)(lq), skip(lq))
+        alone = restore.VaeAlone(vae)(lq)
+        torch.testing.assert_close(alone, skip(lq))
+        # and written out with diffusers' calls alone: the scaling factor cancels
+        torch.testing.assert_close(alone, vae.decode(vae.encode(lq * 2 - 1).latent_dist.mean).sample.add(1).div(2))
 
 
-def test_the_unet_alone_is_the_step_between_encoder_and_decoder(restorer):
+def test_the_parts_of_a_tile_compose_into_the_restorer(restorer, smoke_teacher):
     lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    unet = restore.UnetAlone(restorer)
+    vae, unet, t = restorer.vae, restore.UnetAlone(restorer), 500
+    alpha = smoke_teacher.scheduler.alphas_cumprod[t]
+    assert restorer.prediction == "v_prediction"  # the embedded teachers' target
     with torch.no_grad():
-        latent = restore.encode(restorer.vae, lq)
-        assert latent.shape == (2, *unet.example(32).shape[1:])  # timed on the shape a tile gives
-        torch.testing.assert_close(restore.decode(restorer.vae, unet(latent)), restorer(lq))
+        latent = restore.encode(vae, lq)
+        torch.testing.assert_close(unet.tile_input(lq), latent)
+        # one v-prediction step written out with diffusers' calls: x0 = sqrt(a) z - sqrt(1 - a) v
+        v = restorer.unet(latent, torch.tensor([t, t]), encoder_hidden_states=restorer.text.expand(2, -1, -1)).sample
+        x0 = alpha.sqrt() * latent - (1 - alpha).sqrt() * v
+        torch.testing.assert_close(unet(latent), x0)
+        expected = vae.decode(x0 / vae.config.scaling_factor).sample.add(1).div(2)
+        torch.testing.assert_close(restore.decode(vae, unet(latent)), expected)
+        torch.testing.assert_close(restorer(lq), expected)

@@ -1,4 +1,6 @@
+import pandas as pd
 import pytest
+import torch
 
 from nanosd_lib import timing
 
@@ -20,3 +22,18 @@ def test_rounds_time_every_item_once_in_a_fresh_order():
     assert len(set(orders)) > 1 and all(sorted(o) == list("abcdef") for o in orders)
     summary = timing.summarise(timings)
     assert list(summary.columns) == ["ms", "first_half_ms", "second_half_ms"]
+
+
+def test_the_summary_keeps_each_half_of_the_rounds_apart():
+    ms = {"a": [1, 2, 3, 10, 20, 30], "b": [5, 5, 5, 5, 5, 6]}
+    timings = pd.DataFrame([{"item": k, "round": r, "ms": v} for k, vs in ms.items() for r, v in enumerate(vs)])
+    summary = timing.summarise(timings)
+    assert summary.loc["a"].tolist() == [6.5, 2.0, 20.0]  # median of all six rounds, of 0-2 and of 3-5
+    assert summary.loc["b"].tolist() == [5.0, 5.0, 5.0]
+
+
+def test_only_host_backends_run_here(tmp_path):
+    run = timing.host_call("torch", torch.nn.Identity(), (torch.ones(2),), 1, tmp_path, "id")
+    assert run().tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="backend 'qai-hub' is not a host backend: one of"):
+        timing.host_call("qai-hub", torch.nn.Identity(), (torch.ones(2),), 1, tmp_path, "id")
