@@ -174,7 +174,7 @@ def profile_int8(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
     'int8:<key>' with all three job ids."""
     import qai_hub as hub
 
-    from .timing import export_onnx
+    from .timing import export_onnx, onnx_file
 
     cache_path, key = Path(cache_path), f"int8:{key}"
     cache = read_cache(cache_path)
@@ -185,7 +185,7 @@ def profile_int8(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
     if not calibration:
         raise ValueError(f"{key}: calibration is empty; pass recorded inputs (dicts with keys "
                          f"{list(example_inputs)})")
-    onnx_path = Path(workdir) / f"{key.replace(':', '-').replace('/', '_')}.onnx"
+    onnx_path = onnx_file(workdir, key)
     kept = export_onnx(model, tuple(example_inputs.values()), onnx_path, list(example_inputs))
     data = {name: [c[name].numpy() for c in calibration] for name in kept}  # the graph's inputs
 
@@ -245,9 +245,10 @@ def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, 
     from diffusers import UNet2DConditionModel
 
     from . import student, surgery
-    from .latency import WholeCall, example_inputs
+    from .latency import WholeCall
     from .quantize import record_unet_inputs
     from .space import Arch
+    from .timing import example_inputs
 
     prompts = [""] * calibration_prompts  # calibration needs realistic activations, not captions
     try:

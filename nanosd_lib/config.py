@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SCALES = ("smoke", "embedded", "sd15")
-LATENCY_BACKENDS = ("onnxruntime", "torch", "qai-hub")
+# Each choice is spelt once, as the type a field checks against; the tuples are for code and messages.
+Scale = Literal["smoke", "embedded", "sd15"]
+HostBackend = Literal["torch", "onnxruntime"]  # timed on this machine (`timing`)
+LatencyBackend = Literal[HostBackend, "qai-hub"]  # or read from the phone's measurements (`devicecache`)
+SCALES, HOST_BACKENDS, LATENCY_BACKENDS = get_args(Scale), get_args(HostBackend), get_args(LatencyBackend)
 
 
 class ParamsError(ValueError):
@@ -33,12 +36,10 @@ def _f(why: str, **limits):
 
 class Base(Section):
     seed: int = _f("one seed for data crops, init, noise and sampling", ge=0)
-    scale: Literal["smoke", "embedded", "sd15"] = _f(
-        "smoke (tests), embedded (laptop default) or sd15 (a local SD-1.5)")
+    scale: Scale = _f("smoke (tests), embedded (laptop default) or sd15 (a local SD-1.5)")
     threads: int = _f("torch intra-op threads; fixed so that timings are comparable", ge=1)
     teacher: str = _f("'embedded' trains the small teacher; else a local diffusers folder")
-    latency_backend: Literal["onnxruntime", "torch", "qai-hub"] = _f(
-        "whose latency table the search and the evaluation read")
+    latency_backend: LatencyBackend = _f("whose latency table the search and the evaluation read")
 
 
 class GatherPhotos(Section):
@@ -119,8 +120,8 @@ class DistillModules(Section):
 
 
 class MeasureLatency(Section):
-    backends: list[Literal["torch", "onnxruntime"]] = _f("host backends timed (ONNX Runtime, the "
-                                                         "deployment runtime, last if both)", min_length=1)
+    backends: list[HostBackend] = _f("host backends timed (ONNX Runtime, the deployment runtime, last if "
+                                     "both)", min_length=1)
     rounds: int = _f("interleaved rounds; an item's latency is its median over rounds (two halves "
                      "give the noise floor)", ge=2)
     runs: int = _f("timed calls per item per round, after one warm-up call; the median is kept", ge=1)
@@ -297,7 +298,7 @@ def _cross_problems(sections: dict, root: Path | None) -> list[str]:
                    f"({restore['tile_px']})")
     base = sections.get("base") or {}
     timed = (sections.get("measure_latency") or {}).get("backends")
-    if isinstance(timed, list) and base.get("latency_backend") in ("torch", "onnxruntime") \
+    if isinstance(timed, list) and base.get("latency_backend") in HOST_BACKENDS \
             and base["latency_backend"] not in timed:
         out.append(f"base.latency_backend: {base['latency_backend']!r} is not among "
                    f"measure_latency.backends {timed}")

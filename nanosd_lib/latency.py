@@ -27,11 +27,12 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .baseline import count_params
+from .config import LATENCY_BACKENDS
 from .progress import bar
 from .space import DECODERS, STAGES, Arch, enumerate_space, option_names, options
 from .space import sample as sample_space
-from .timing import (BACKENDS, count_flops, host_call, interleaved_timings, median_ms, summarise, torch_call,
-                     torch_threads)
+from .timing import (BACKENDS, count_flops, example_inputs, host_call, interleaved_timings, median_ms, summarise,
+                     torch_call, torch_threads)
 
 # --- What is timed: every (stage, option), the fixed parts, whole models ---------------------------
 #
@@ -82,14 +83,6 @@ class WholeCall(nn.Module):
 
     def forward(self, sample, t, text):
         return self.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
-
-
-def example_inputs(cfg, latent_px: int, text_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One tile: batch 1, the deployed latent size, SD's input names (the timestep is int64)."""
-    g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(1, cfg.in_channels, latent_px, latent_px, generator=g),
-            "timestep": torch.tensor([500]),
-            "encoder_hidden_states": torch.randn(1, text_len, cfg.cross_attention_dim, generator=g)}
 
 
 class _Lazy(Mapping):
@@ -513,7 +506,7 @@ def load_table(backend: str, data_dir: str | Path) -> dict:
 
         return {"source": "qai-hub", **device_table(data_dir / "device" / "sm8750.json")}
     if backend not in BACKENDS:
-        raise ValueError(f"base.latency_backend {backend!r} is not one of {BACKENDS + ('qai-hub',)}")
+        raise ValueError(f"base.latency_backend {backend!r} is not one of {LATENCY_BACKENDS}")
     path = data_dir / "latency" / f"{backend}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {backend} latency table; run the measure_latency stage")

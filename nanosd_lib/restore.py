@@ -174,12 +174,12 @@ def tile_latency(restorers: dict, names: list[str], task: str, tile: int, thread
     Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each after two warm-up
     calls (as the latency tables are), and each keeps its median over rounds: a slow phase of the
     machine then lands on all of them rather than on whichever was timed during it."""
-    from .timing import interleaved_timings, onnx_session
+    from .timing import interleaved_timings, onnx_file, onnx_session
 
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0))
     modules = {**{name: restorers[task, name] for name in names}, **(extra or {})}
     calls = {name: onnx_session(m.eval(), (m.tile_input(x) if hasattr(m, "tile_input") else x,),
-                                Path(workdir) / f"{name.replace(' ', '_')}.onnx", threads)
+                                onnx_file(workdir, name), threads)
              for name, m in bar(modules.items(), desc="tile latency: export")}
     timings = interleaved_timings(calls, rounds, runs, 2, seed, desc=f"tile latency: {rounds} rounds")
     return timings.groupby("item").ms.median().to_dict()
@@ -193,8 +193,8 @@ def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: i
 
     from . import student, surgery
     from .baseline import SD15_UNET, tile_grid
-    from .timing import unet_forward_ms
     from .space import Arch
+    from .timing import unet_forward_ms
 
     grid = tile_grid(photo.image_width, photo.image_height, photo.tile_px, photo.overlap_px)
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ figures are timed one after another instead: the short table of VAE options, the
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import time
 import warnings
@@ -24,9 +25,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .config import HOST_BACKENDS as BACKENDS  # a latency table may also come from the phone (`devicecache`)
 from .progress import bar
-
-BACKENDS = ("torch", "onnxruntime")  # host backends; a latency table may also come from the phone (`devicecache`)
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -47,19 +47,31 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def example_inputs(cfg, latent_px: int, text_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One tile for a U-Net of config `cfg`: batch 1, the deployed latent size, SD's input names (the
+    timestep is int64), drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn(1, cfg.in_channels, latent_px, latent_px, generator=g),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, text_len, cfg.cross_attention_dim, generator=g)}
+
+
 @torch.no_grad()
-def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int,
-                    batch: int = 1) -> float:
-    """One denoising step of a U-Net at its latent size (batch 1: one tile), inputs of SD's shapes."""
-    cfg = unet.config
+def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int) -> float:
+    """One denoising step of a U-Net at its latent size on `example_inputs`, in torch eager on the
+    U-Net's device."""
     device = next(unet.parameters()).device
-    sample = torch.randn(batch, cfg.in_channels, latent_px, latent_px, device=device)
-    text = torch.randn(batch, text_len, cfg.cross_attention_dim, device=device)
-    t = torch.full((batch,), 500, device=device)
-    return median_ms(lambda: unet(sample, t, encoder_hidden_states=text), runs)
+    inputs = {k: v.to(device) for k, v in example_inputs(unet.config, latent_px, text_len).items()}
+    return median_ms(lambda: unet(**inputs), runs)
 
 
 # --- Host backends ------------------------------------------------------------------------------
+
+
+def onnx_file(workdir: str | Path, name: str) -> Path:
+    """Where the export of item `name` goes in `workdir`: `name` with every character other than
+    letters, digits, '.', '+' and '-' made '_' ('teacher VAE alone', 'w1/4-l1-na', 'int8:sd15/prime')."""
+    return Path(workdir) / f"{re.sub(r'[^A-Za-z0-9.+-]', '_', name)}.onnx"
 
 
 def export_onnx(module: nn.Module, args: tuple, path: Path, names: Sequence[str] | None = None
@@ -114,7 +126,7 @@ def host_call(backend: str, module: nn.Module, args: tuple, threads: int, workdi
     if backend == "torch":
         return torch_call(module, args)
     if backend == "onnxruntime":
-        return onnx_session(module, args, Path(workdir) / f"{name.replace('/', '_')}.onnx", threads)
+        return onnx_session(module, args, onnx_file(workdir, name), threads)
     raise ValueError(f"backend {backend!r} is not a host backend: one of {BACKENDS}")
 
 

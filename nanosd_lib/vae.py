@@ -29,9 +29,9 @@ from torch import nn
 
 from .baseline import SD15_VAE, count_params, model_config
 from .data import to_unit
-from .timing import host_call, interleaved_timings, time_callable, torch_threads
 from .progress import bar
 from .quality import lpips_mnv2, paired
+from .timing import BACKENDS, host_call, interleaved_timings, time_callable, torch_threads
 from .training import VaePhase, leg_steps, optimizer_step, vae_quality
 from .vae_options import OPTIONS, VaeOption, option  # noqa: F401  (the table is part of this API)
 
@@ -325,8 +325,7 @@ def measure_options(teacher_vae: AutoencoderKL, crops: torch.Tensor, eval_images
                       torch.Generator().manual_seed(seed), net, train_latents)
         compat = latent_compat(teacher_vae, slim, latents, net)
         rows.append({"option": n, **params(slim),
-                     "decode_ms": decode_latency(slim, latent_px, backend, threads, runs, workdir,
-                                                 n.replace("/", "_")),
+                     "decode_ms": decode_latency(slim, latent_px, backend, threads, runs, workdir, n),
                      **round_trip(slim, eval_images, net), "compat_psnr": compat["psnr"],
                      **({"compat_lpips_mnv2": compat["lpips_mnv2"]} if net is not None else {}),
                      "final_loss": log[-1]["loss"]})
@@ -384,13 +383,12 @@ def costs(teacher_vae: AutoencoderKL, slim: AutoencoderKL, sd_teacher: Autoencod
             backend, width, model, what = item.split("/")
             out.setdefault(f"{width}_{backend}", {}).setdefault(model, {})[f"{what}_ms"] = float(ms)
 
-    backends = ("torch", "onnxruntime")
     measure({(b, "embedded", k, "decode"): _decode_job(v, latent_px)
-             for b in backends for k, v in (("teacher", teacher_vae), ("slim", slim))},
+             for b in BACKENDS for k, v in (("teacher", teacher_vae), ("slim", slim))},
             runs, 1, "VAE timing, study tile")
     if sd15:
         real = {"teacher": _storage(sd_teacher).eval(), "slim": _storage(sd_slim).eval()}
-        jobs = {(b, "sd15", k, "decode"): _decode_job(v, 64) for b in backends for k, v in real.items()}
+        jobs = {(b, "sd15", k, "decode"): _decode_job(v, 64) for b in BACKENDS for k, v in real.items()}
         jobs |= {("torch", "sd15", k, "encode"): _encode_job(v, 512) for k, v in real.items()}
         measure(jobs, sd15_runs, 0, "VAE timing, SD-1.5 tile")
         del real, jobs

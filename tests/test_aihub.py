@@ -9,7 +9,7 @@ import qai_hub
 import torch
 from qai_hub.client import UserError
 
-from nanosd_lib import aihub, devicecache, latency, space, surgery
+from nanosd_lib import aihub, devicecache, latency, space, surgery, timing
 
 State = qai_hub.JobStatus.State
 
@@ -178,7 +178,7 @@ def base(smoke_teacher):
 
 def test_device_table_from_every_option_and_its_status(hub, base, tmp_path):
     cache = tmp_path / "sm8750.json"
-    inputs = latency.example_inputs(base.config, 8, 8)
+    inputs = timing.example_inputs(base.config, 8, 8)
     missing = devicecache.device_table_status(cache)
     assert "37 of 37 entries missing (fixed, E1/0" in missing and "--api_token" in missing
     with pytest.raises(ValueError, match="no complete SM8750 latency table"):
@@ -195,5 +195,5 @@ def test_device_table_from_every_option_and_its_status(hub, base, tmp_path):
     assert latency.load_table("qai-hub", tmp_path)["source"] == "qai-hub"
     aihub.profile_modules(base, inputs, cache)
     assert hub.compile.call_count == 37  # all served from the cache
-    wider = aihub.model_context(base.config, latency.example_inputs(base.config, 16, 8))
+    wider = aihub.model_context(base.config, timing.example_inputs(base.config, 16, 8))
     assert "37 stale" in devicecache.device_table_status(cache, wider)

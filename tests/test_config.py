@@ -13,6 +13,10 @@ def test_committed_params_are_valid():
     assert params.train_teacher.unet_steps > 0
 
 
+def test_the_phone_backend_extends_the_host_backends():
+    assert config.LATENCY_BACKENDS == (*config.HOST_BACKENDS, "qai-hub") == ("torch", "onnxruntime", "qai-hub")
+
+
 def bad(**changes):
     """params.yaml with `section.key: value` changes, validated as the study's own file is."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -40,7 +44,9 @@ def bad(**changes):
      "slim_vae.tune.stpes: unknown key; slim_vae.tune allows ['batch_size', 'crop_px', 'lr', 'steps']"),
     ({"train_teacher__vae_tune__crop_px": 36}, "train_teacher.vae_tune.crop_px: must be a multiple of 8, got 36"),
     ({"slim_vae__tune": 500}, "slim_vae.tune: expected a group of keys ['batch_size', 'crop_px', 'lr', 'steps'], got int 500"),
-    ({"base__latency_backend": "npu"}, "base.latency_backend: 'npu' is not one of"),
+    ({"base__latency_backend": "npu"}, "base.latency_backend: 'npu' is not one of 'torch', 'onnxruntime' or 'qai-hub'"),
+    ({"measure_latency__backends": ["torch", "qai-hub"]},  # the phone's table is read, not timed here
+     "measure_latency.backends.1: 'qai-hub' is not one of 'torch' or 'onnxruntime'"),
     ({"base__latency_backend": "qai-hub"}, "base.latency_backend: 'qai-hub' has no complete SM8750 table"),
     ({"base__threads": True}, "base.threads: expected int, got bool"),
     ({"base__teacher": "/nonexistent/sd15"}, "base.teacher: '/nonexistent/sd15' does not exist"),

@@ -29,7 +29,7 @@ def test_known_objectives_add_up_over_all_32768(base):
 
 
 def test_flops_table_matches_whole_models(base):
-    inputs = latency.example_inputs(base.config, 8, 8)
+    inputs = timing.example_inputs(base.config, 8, 8)
     flops = family.additive(*family.flops_table(base, inputs), family.candidates()[0])
     for arch_id in ("e000-d000", "e321-d654"):
         arch = space.Arch.parse(arch_id)

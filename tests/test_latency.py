@@ -12,7 +12,7 @@ def base(smoke_teacher):
 
 @pytest.fixture(scope="module")
 def callables(base):
-    inputs = latency.example_inputs(base.config, 8, 8)
+    inputs = timing.example_inputs(base.config, 8, 8)
     return inputs, *latency.stage_callables(base, inputs)
 
 
@@ -96,19 +96,19 @@ def test_onnx_export_matches_torch(callables, tmp_path, name):
 
 def test_both_backends_time_a_whole_model(base, tmp_path):
     nano, _ = student.from_base(base, space.Arch.parse("e333-d777"))
-    inputs = tuple(latency.example_inputs(base.config, 8, 8).values())
+    inputs = tuple(timing.example_inputs(base.config, 8, 8).values())
     for backend in timing.BACKENDS:
         ms = timing.time_callable(backend, latency.WholeCall(nano), inputs, 3, 1, tmp_path, "w")
         assert 0 < ms < 10_000
     with pytest.raises(ValueError, match="backend 'tflite' is not a host backend: one of"):
         timing.time_callable("tflite", nano, inputs, 3, 1, tmp_path, "w")
-    named = latency.example_inputs(base.config, 8, 8)
+    named = timing.example_inputs(base.config, 8, 8)
     timed = latency.time_models("onnxruntime", {"e333-d777": nano}, named, 1, tmp_path, rounds=2, runs=1)
     assert list(timed.model) == ["e333-d777"] and (timed.measured_ms > 0).all()
 
 
 def test_flops_grow_with_the_architecture(base):
-    inputs = tuple(latency.example_inputs(base.config, 8, 8).values())
+    inputs = tuple(timing.example_inputs(base.config, 8, 8).values())
     small, _ = student.from_base(base, space.Arch.parse("e333-d777"))
     big, _ = student.from_base(base, space.Arch.teacher())
     assert 0 < timing.count_flops(latency.WholeCall(small), inputs) < \
@@ -118,7 +118,7 @@ def test_flops_grow_with_the_architecture(base):
 def test_one_cold_run_gives_the_fitted_table_and_its_check(base, smoke_teacher, tmp_path):
     from nanosd_lib import outputs
 
-    inputs = latency.example_inputs(base.config, 8, 8)
+    inputs = timing.example_inputs(base.config, 8, 8)
     plan = latency.TablePlan(rounds=2, runs=1, fit_models=12, check_models=4)  # 2 rounds: one per noise half
     out = latency.measure_table("torch", base, inputs, plan, threads=1, workdir=tmp_path,
                                 scale="smoke", extra={"teacher": smoke_teacher.unet})

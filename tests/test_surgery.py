@@ -1,5 +1,3 @@
-import random
-
 import pytest
 import torch
 from diffusers import UNet2DConditionModel

@@ -37,3 +37,19 @@ def test_only_host_backends_run_here(tmp_path):
     assert run().tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="backend 'qai-hub' is not a host backend: one of"):
         timing.host_call("qai-hub", torch.nn.Identity(), (torch.ones(2),), 1, tmp_path, "id")
+
+
+def test_export_names_are_plain_file_names(tmp_path):
+    assert timing.onnx_file(tmp_path, "teacher VAE alone") == tmp_path / "teacher_VAE_alone.onnx"
+    assert timing.onnx_file(tmp_path, "w1/4-l1-na").name == "w1_4-l1-na.onnx"
+    assert timing.onnx_file(tmp_path, "int8:sd15/prime+slim_vae").name == "int8_sd15_prime+slim_vae.onnx"
+
+
+def test_example_inputs_are_one_seeded_tile():
+    cfg = type("Cfg", (), {"in_channels": 4, "cross_attention_dim": 16})
+    a, b = timing.example_inputs(cfg, 8, 5, seed=1), timing.example_inputs(cfg, 8, 5, seed=1)
+    assert list(a) == ["sample", "timestep", "encoder_hidden_states"]  # SD's names, in call order
+    assert a["sample"].shape == (1, 4, 8, 8) and a["encoder_hidden_states"].shape == (1, 5, 16)
+    assert a["timestep"].dtype == torch.int64
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["sample"], timing.example_inputs(cfg, 8, 5, seed=2)["sample"])
