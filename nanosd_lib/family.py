@@ -161,6 +161,7 @@ def pick(points: pd.DataFrame, objectives: list[str], bounds: dict[str, tuple[fl
         prime = good.loc[good[q].idxmin()]
     else:
         norm = np.stack([(better[o] - bounds[o][0]) / (bounds[o][1] - bounds[o][0]) for o in objectives], 1)
+        norm = norm.clip(0, None)  # beyond an objective's lower bound is as good as the bound, not worse
         prime = better.iloc[int(np.argmin(np.linalg.norm(norm, axis=1)))]
     return {"latency": latency, "params": params, "prime": prime}, bound
 
@@ -266,7 +267,7 @@ def search_cache(folder: Path, params: dict, *inputs: Path) -> Path:
 def summarise_runs(runs: list, flops_runs: list, lut_problem) -> dict:
     """Hypervolume per method (mean over seeds), what EHVI bought over random search, the search's own
     overhead, and the latency-vs-FLOPs comparison (FLOPs-driven points rescored by the table)."""
-    from .search import evals_to_reach, hypervolume
+    from .search import evals_to_reach, hypervolume, reach_fraction
 
     traces = pd.DataFrame([{"method": r.method, "seed": r.seed, "evaluations": k + 1, "hv": h}
                            for r in runs for k, h in enumerate(r.hv)])
@@ -290,7 +291,7 @@ def summarise_runs(runs: list, flops_runs: list, lut_problem) -> dict:
     hv_lut = float(np.mean([hypervolume(lut_points(by["ehvi", s]), lut_problem.ref) for s in seeds]))
     hv_flops = float(np.mean([hypervolume(lut_points(r), lut_problem.ref) for r in flops_runs]))
     metrics = {f"hv_{m}": float(table.hv_mean[m]) for m in table.index}
-    metrics |= {"ehvi_evals_to_match_random_frac": float(np.mean([(k or budget) / budget for k in reach])),
+    metrics |= {"ehvi_evals_to_match_random_frac": reach_fraction(reach, budget),
                 "ehvi_reached_random_every_seed": all(k is not None for k in reach),
                 "ehvi_ahead_of_random_every_seed": all(by["ehvi", s].hv[-1] > by["random", s].hv[-1] for s in seeds),
                 "ehvi_overhead_s_mean": float(table.overhead_s_mean["ehvi"]),

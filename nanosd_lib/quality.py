@@ -180,18 +180,27 @@ def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(psnr(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
 
 
+def ms_ssim_scales(side: int, window: int = 11) -> int:
+    """How many of MS-SSIM's 5 scales an image whose shorter side is `side` px allows: each scale halves
+    the image, the `window`-px window must still fit the coarsest, and torchmetrics' own size check
+    (side // (scales - 1)^2 > window - 1) must pass. 4 at 128 px, 3 at 88-98 px, 5 from 176 px."""
+    scales = 5
+    while scales > 1 and not (side >> (scales - 1) >= window and side // (scales - 1) ** 2 > window - 1):
+        scales -= 1
+    return scales
+
+
 @torch.no_grad()
 def paired(net: MobileNetFeatures | None, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB), SSIM, MS-SSIM (torchmetrics) and lpips_mnv2 of [N, 3, H, W] images in [0, 1].
 
-    MS-SSIM uses as many of its 5 scales as the image size allows (3 at 128 px: each scale halves the
-    image and the 11-px window must still fit)."""
+    MS-SSIM uses as many of its 5 scales as the image size allows (`ms_ssim_scales`), its weights
+    renormalised to sum to 1; outputs that overshoot [0, 1] are clipped first, as a saved image is."""
     from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure as ms_ssim,
                                                structural_similarity_index_measure as ssim)
 
     pred, target = pred.clamp(0, 1).float(), target.clamp(0, 1).float()
-    scales = int(max(1, min(5, np.floor(np.log2(min(pred.shape[-2:]) / 11)) + 1)))
-    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales]
+    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:ms_ssim_scales(min(pred.shape[-2:]))]
     out = {"psnr": mean_psnr(pred, target),
            "ssim": float(ssim(pred, target, data_range=1.0)),
            "ms_ssim": float(ms_ssim(pred, target, data_range=1.0, betas=tuple(b / sum(betas) for b in betas)))}

@@ -80,11 +80,12 @@ class Restorer(nn.Module):
 
 def make_lq(hq: torch.Tensor, task: str, generator: torch.Generator) -> torch.Tensor:
     """The restorer's input for a [0, 1] HQ batch: x4 second-order degraded and bicubic upsampled back
-    to HQ size (OSEDiff's input), or noisy at sigma 25/255."""
+    to HQ size (OSEDiff's input), or noisy at sigma 25/255, unclipped as the denoising benchmarks add it
+    (`degrade.denoise`)."""
     if task == "sr_x4":
         return sr_views(hq, generator)[1]
     if task == "denoise":
-        return degrade.denoise(hq, generator).clamp(0, 1)
+        return degrade.denoise(hq, generator)
     raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
 
 

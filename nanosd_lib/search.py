@@ -201,6 +201,12 @@ def evals_to_reach(trace: Sequence[float], target: float) -> int | None:
     return int(hits[0]) + 1 if len(hits) else None
 
 
+def reach_fraction(reach: Sequence[int | None], budget: int) -> float:
+    """The mean share of the budget that `evals_to_reach` counts over seeds; NaN if any seed never got
+    there (counting it as the whole budget would flatter the method)."""
+    return float(np.mean([k / budget if k is not None else np.nan for k in reach]))
+
+
 # --- Evaluations, cached -----------------------------------------------------------------------------
 
 class _Cache:

@@ -155,3 +155,14 @@ def test_real_metrics_are_computed_when_their_weights_are_on_disk(tmp_path, monk
     assert scores["teacher"]["LPIPS"] == 0 and scores["same"] == scores["teacher"]
     assert scores["other"]["LPIPS"] > 0
     (hub / quality.ALEXNET).unlink()  # 244 MB that pytest would otherwise keep among its last three runs
+
+
+@pytest.mark.parametrize("side, scales", [(128, 4), (384, 5), (176, 5), (175, 4), (99, 4), (98, 3), (88, 3), (44, 3),
+                                          (43, 2)])
+def test_ms_ssim_takes_every_scale_the_size_allows(study_root, side, scales):
+    assert quality.ms_ssim_scales(side) == scales
+    corpus = data.Corpus(study_root)
+    photo = data.to_unit(corpus.tensor(corpus.names("test")[0]))  # a Kodak photo, 384 x 512
+    crop = photo[..., :side, :side]  # torchmetrics refuses a scale too many
+    score = quality.paired(None, (crop + 0.05).clamp(0, 1), crop)["ms_ssim"]
+    assert 0.5 < score < 1.0

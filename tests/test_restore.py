@@ -107,3 +107,14 @@ def test_the_parts_of_a_tile_compose_into_the_restorer(restorer, smoke_teacher):
         expected = vae.decode(x0 / vae.config.scaling_factor).sample.add(1).div(2)
         torch.testing.assert_close(restore.decode(vae, unet(latent)), expected)
         torch.testing.assert_close(restorer(lq), expected)
+
+
+def test_the_noisy_input_is_plain_gaussian_noise_even_in_dark_and_bright_areas():
+    hq = torch.cat([torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)])  # clipping would halve the noise here
+    noise = restore.make_lq(hq, "denoise", torch.Generator().manual_seed(0)) - hq
+    assert noise.mean().abs() < 0.002 and noise.std().item() == pytest.approx(degrade.DENOISE_SIGMA, rel=0.02)
+    sr = restore.make_lq(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), "sr_x4",
+                         torch.Generator().manual_seed(0))
+    assert sr.shape == (2, 3, 64, 64) and 0 <= sr.min() and sr.max() <= 1  # a decoded 8-bit image, upsampled
+    with pytest.raises(ValueError, match="unknown task 'deblur'"):
+        restore.make_lq(hq, "deblur", torch.Generator())

@@ -63,6 +63,8 @@ def test_pareto_mask_and_evals_to_reach():
     assert search.pareto_mask(Y).tolist() == [True, True, False, True, True, False]  # ties both stay
     assert search.evals_to_reach([0.0, 0.1, 0.3, 0.3], 0.3) == 3
     assert search.evals_to_reach([0.0, 0.1, 0.3], 0.31) is None
+    assert search.reach_fraction([3, 5], 10) == pytest.approx(0.4)
+    assert np.isnan(search.reach_fraction([3, None], 10))  # not 0.65: one seed never got there
 
 
 @pytest.mark.parametrize("known", [False, True], ids=["both-modelled", "currin-known"])
