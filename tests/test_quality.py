@@ -166,3 +166,7 @@ def test_ms_ssim_takes_every_scale_the_size_allows(study_root, side, scales):
     crop = photo[..., :side, :side]  # torchmetrics refuses a scale too many
     score = quality.paired(None, (crop + 0.05).clamp(0, 1), crop)["ms_ssim"]
     assert 0.5 < score < 1.0
+    if scales < 5:  # one scale more is refused
+        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+        with pytest.raises(ValueError):
+            ms_ssim(crop, crop, data_range=1.0, betas=(1 / (scales + 1),) * (scales + 1))
