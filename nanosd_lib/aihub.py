@@ -23,8 +23,7 @@ from .devicecache import DEVICE, code_hash, device_table, read_cache, write_cach
 DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",
           torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8", torch.uint16: "uint16"}
 # The quantized model keeps float inputs and outputs (its QDQ graph quantizes inside), so the same
-# inputs drive the fp32 and the INT8 model; AI Hub's default target runtime for both.
-INT8_COMPILE_OPTIONS = ""
+# inputs drive the fp32 and the INT8 model; both compile for AI Hub's default target runtime.
 
 
 class DeviceUnavailable(RuntimeError):
@@ -85,10 +84,10 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _compile_and_profile(hub, source, device, key: str, specs: dict | None, options: str = ""):
+def _compile_and_profile(hub, source, device, key: str, specs: dict | None):
     """(compile job, profile job, execution summary); raises DeviceJobFailed on a failed job."""
     compile_job = hub.submit_compile_job(model=source, device=device, name=f"nanosd-{key}",
-                                         input_specs=specs, options=options)
+                                         input_specs=specs)
     target = compile_job.get_target_model()
     if target is None:
         raise DeviceJobFailed(f"compile job {compile_job.job_id} for {key!r} failed: "
@@ -197,8 +196,7 @@ def profile_int8(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor]
         if quantized is None:
             raise DeviceJobFailed(f"quantize job {quantize_job.job_id} for {key!r} failed: "
                                   f"{quantize_job.get_status().message}")
-        return (quantize_job, *_compile_and_profile(hub, quantized, hub.Device(DEVICE), key, None,
-                                                    INT8_COMPILE_OPTIONS))
+        return (quantize_job, *_compile_and_profile(hub, quantized, hub.Device(DEVICE), key, None))
 
     quantize_job, compile_job, profile_job, summary = _guarded(key, submit)
     entry = _entry(summary, {"quantize_job": quantize_job.job_id, "compile_job": compile_job.job_id,
@@ -238,10 +236,16 @@ def profile_modules(base, inputs: dict[str, torch.Tensor], cache_path: str | Pat
 
 
 def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, workdir: str | Path,
-                   calibration_prompts: int, steps: int, seed: int, sd15_config: dict | None = None) -> str:
+                   calibration_prompts: list[str], steps: int, seed: int, guidance: float,
+                   sd15_config: dict | None = None) -> str:
     """Every family member on SM8750, fp32 and INT8, at SD-1.5 width (random weights; built one at a
     time) and at the study's width; cached under 'sd15/<name>', 'embedded/<name>' and 'int8:...'.
-    Returns 'profiled', or 'failed: ...' with what was measured before the failure kept."""
+    Each entry's fingerprint holds the member's architecture id, so a search that picks another
+    member is measured again, not served the old one's latency. The study-width INT8 models are
+    calibrated on the U-Net's inputs while sampling `calibration_prompts` with `guidance` (both
+    branches of classifier-free guidance), as the host INT8 models are. `sd15_config` replaces
+    SD-1.5's U-Net config (tests). Returns 'profiled', or 'failed: ...' with what was measured before
+    the failure kept."""
     from diffusers import UNet2DConditionModel
 
     from . import student, surgery
@@ -250,7 +254,6 @@ def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, 
     from .space import Arch
     from .timing import example_inputs
 
-    prompts = [""] * calibration_prompts  # calibration needs realistic activations, not captions
     try:
         sd15 = surgery.pruned_sd15() if sd15_config is None else UNet2DConditionModel(**sd15_config)
         sd15 = sd15.to_empty(device="cpu") if next(sd15.parameters()).is_meta else sd15
@@ -261,14 +264,18 @@ def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, 
             example_inputs(sd15.config, sd15.config.sample_size, 8, seed)
         for name, row in found.items():
             net = student.from_base(sd15, Arch.parse(row["id"]))[0]
-            profile(WholeCall(net), sd15_inputs, f"sd15/{name}", cache_path, kind="whole")
-            profile_int8(WholeCall(net), sd15_inputs, [sd15_inputs], f"sd15/{name}", cache_path, workdir)
+            arch = {"arch": row["id"]}
+            profile(WholeCall(net), sd15_inputs, f"sd15/{name}", cache_path, context=arch, kind="whole")
+            profile_int8(WholeCall(net), sd15_inputs, [sd15_inputs], f"sd15/{name}", cache_path, workdir,
+                         context=arch)
             del net
         for name, unet in members.items():
+            arch = {"arch": found[name]["id"]}
             inputs = example_inputs(unet.config, teacher.latent_px, teacher.tokenizer.model_max_length, seed)
-            profile(WholeCall(unet), inputs, f"embedded/{name}", cache_path, kind="whole")
-            calibration = record_unet_inputs(teacher, prompts, steps, seed, unet=unet)
-            profile_int8(WholeCall(unet), inputs, calibration, f"embedded/{name}", cache_path, workdir)
+            profile(WholeCall(unet), inputs, f"embedded/{name}", cache_path, context=arch, kind="whole")
+            calibration = record_unet_inputs(teacher, calibration_prompts, steps, seed, guidance, unet=unet)
+            profile_int8(WholeCall(unet), inputs, calibration, f"embedded/{name}", cache_path, workdir,
+                         context={**arch, "guidance": guidance})
     except DeviceJobFailed as err:
         return f"failed: {_first_line(err)}"
     return "profiled"

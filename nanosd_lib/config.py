@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Each choice is spelt once, as the type a field checks against; the tuples are for code and messages.
 Scale = Literal["smoke", "embedded", "sd15"]
 HostBackend = Literal["torch", "onnxruntime"]  # timed on this machine (`timing`)
 LatencyBackend = Literal[HostBackend, "qai-hub"]  # or read from the phone's measurements (`devicecache`)
-SCALES, HOST_BACKENDS, LATENCY_BACKENDS = get_args(Scale), get_args(HostBackend), get_args(LatencyBackend)
+HOST_BACKENDS, LATENCY_BACKENDS = get_args(HostBackend), get_args(LatencyBackend)
 
 
 class ParamsError(ValueError):
@@ -27,7 +27,7 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _f(why: str, **limits):
@@ -35,7 +35,7 @@ def _f(why: str, **limits):
 
 
 class Base(Section):
-    seed: int = _f("one seed for data crops, init, noise and sampling", ge=0)
+    seed: int = _f("one seed for data crops, init, noise and sampling", ge=0, lt=2 ** 32)
     scale: Scale = _f("smoke (tests), embedded (laptop default) or sd15 (a local SD-1.5)")
     threads: int = _f("torch intra-op threads; fixed so that timings are comparable", ge=1)
     teacher: str = _f("'embedded' trains the small teacher; else a local diffusers folder")
@@ -43,7 +43,7 @@ class Base(Section):
 
 
 class GatherPhotos(Section):
-    holdout: list[str] = _f("photos kept out of training, for later stages' validation")
+    holdout: list[str] = _f("photos kept out of training, aside for validation (no stage reads them yet)")
 
     @field_validator("holdout")
     @classmethod
@@ -120,8 +120,8 @@ class DistillModules(Section):
 
 
 class MeasureLatency(Section):
-    backends: list[HostBackend] = _f("host backends timed (ONNX Runtime, the deployment runtime, last if "
-                                     "both)", min_length=1)
+    backends: list[HostBackend] = _f("host backends timed (ONNX Runtime, the deployment runtime, is the "
+                                     "main one whenever listed)", min_length=1)
     rounds: int = _f("interleaved rounds; an item's latency is its median over rounds (two halves "
                      "give the noise floor)", ge=2)
     runs: int = _f("timed calls per item per round, after one warm-up call; the median is kept", ge=1)
@@ -149,6 +149,15 @@ class SearchArchitectures(Section):
     prime_rule: Literal["quality_knee", "knee"] = _f("family rule for Prime: 'quality_knee', the knee of the "
                                                      "front members better on quality than Latency and "
                                                      "Params; 'knee', the knee of the whole front")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.n_init > self.evaluations:
+            raise ValueError(f"n_init ({self.n_init}) must not exceed evaluations ({self.evaluations}): the "
+                             f"random first designs are part of the budget")
+        if self.pool < self.q:
+            raise ValueError(f"pool ({self.pool}) must be at least q ({self.q}): a round picks q of the pool")
+        return self
 
 
 class SlimVae(Section):
@@ -208,6 +217,13 @@ class EvaluateFamily(Section):
                       "(0: a fresh batch and teacher forward every step)", ge=0)
     interp_frames: int = _f("frames along each slerp between two noises", ge=3)
     grid_prompts: int = _f("prompts (columns) in the sample grid", ge=1)
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.grid_prompts > self.images:
+            raise ValueError(f"grid_prompts ({self.grid_prompts}) must not exceed images ({self.images}): "
+                             f"the grid shows the first pairs")
+        return self
 
 
 class ProfileOnDevice(Section):
@@ -302,6 +318,24 @@ def _cross_problems(sections: dict, root: Path | None) -> list[str]:
             and base["latency_backend"] not in timed:
         out.append(f"base.latency_backend: {base['latency_backend']!r} is not among "
                    f"measure_latency.backends {timed}")
+    if base.get("latency_backend") == "qai-hub" and isinstance(timed, list) and "onnxruntime" not in timed:
+        out.append(f"base.latency_backend: 'qai-hub' also needs 'onnxruntime' in measure_latency.backends "
+                   f"(slim_vae reads the host table beside the phone's), got {timed}")
+    if (sections.get("restore_photos") or {}).get("seed_photo") is True \
+            and (sections.get("slim_vae") or {}).get("sd15_timing") is False:
+        out.append("restore_photos.seed_photo: true needs slim_vae.sd15_timing: true (the seed photo's "
+                   "cost uses both VAEs timed at SD-1.5 width)")
+    device = sections.get("profile_on_device") or {}
+    holdout = (sections.get("gather_photos") or {}).get("holdout")
+    if isinstance(holdout, list) and all(isinstance(device.get(k), int)
+                                         for k in ("calibration_prompts", "held_out_prompts")):
+        from .photos import CATALOGUE, split_of
+
+        train = sum(split_of(n, holdout) == "train" for n in CATALOGUE)
+        if device["calibration_prompts"] + device["held_out_prompts"] > train:
+            out.append(f"profile_on_device: calibration_prompts + held_out_prompts "
+                       f"({device['calibration_prompts']} + {device['held_out_prompts']}) must not exceed the "
+                       f"{train} training prompts (the held-out runs use prompts calibration did not)")
     if isinstance(base.get("teacher"), str):
         out += _teacher_problems(base)
     if base.get("latency_backend") == "qai-hub" and root is not None:
@@ -400,7 +434,7 @@ class Params(dict):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(name) from None
+            raise AttributeError(f"no params section {name!r} here; given: {sorted(self)}") from None
 
 
 def seed_everything(seed: int, threads: int) -> None:

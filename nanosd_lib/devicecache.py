@@ -15,10 +15,16 @@ from .space import option_names
 
 DEVICE = "Snapdragon 8 Elite QRD"  # SM8750
 CHIPSET = "SM8750"
-# The files whose contents decide what a (stage, option) module computes.
-ARCH_SOURCES = ("blocks.py", "student.py", "surgery.py", "space.py")
-FILL_HINT = ("run the measure_latency stage with a configured AI Hub token "
-             "(`qai-hub configure --api_token ...`), or set base.latency_backend to onnxruntime")
+# The files whose contents decide what a compiled module computes: the blocks and how they are built,
+# and `latency.py`, whose wrappers (`_EncoderCall`, `_DecoderCall`, `_FixedCall`, `WholeCall`) are what
+# is exported. Any edit to one of them makes every cached entry stale, which errs on the side of
+# measuring again.
+ARCH_SOURCES = ("blocks.py", "latency.py", "space.py", "student.py", "surgery.py")
+# The params check refuses 'qai-hub' until the table is complete, and measure_latency profiles the
+# modules on the phone whichever backend is chosen: so the table is filled under a host backend.
+FILL_HINT = ("to fill it, set base.latency_backend to onnxruntime, configure an AI Hub token "
+             "(`qai-hub configure --api_token ...`) and run the measure_latency stage, which profiles "
+             "every module on SM8750 whichever backend is chosen; then choose 'qai-hub' again")
 
 
 def read_cache(path: str | Path) -> dict:

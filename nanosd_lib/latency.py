@@ -496,15 +496,17 @@ def table_meta(backend: str, threads: int, runs: int, inputs: dict, scale: str) 
             "shapes": {k: list(v.shape) for k, v in inputs.items()}}
 
 
-def load_table(backend: str, data_dir: str | Path) -> dict:
+def load_table(backend: str, data_dir: str | Path, context: dict | None = None) -> dict:
     """The latency table later stages use, chosen by `base.latency_backend`: `fixed_ms` + `modules`, so
     `predict_ms(table, arch)` reads any of them. 'qai-hub' assembles the SM8750 table from the
-    AI Hub cache and refuses, saying what is missing, until every option is measured."""
+    AI Hub cache and refuses, saying what is missing, until every option is measured; with `context`
+    (`aihub.model_context` of the pruned base and its inputs), also until every option is measured
+    at that width and input shape, so a table from another scale is never read as this one's."""
     data_dir = Path(data_dir)
     if backend == "qai-hub":
         from .devicecache import device_table
 
-        return {"source": "qai-hub", **device_table(data_dir / "device" / "sm8750.json")}
+        return {"source": "qai-hub", **device_table(data_dir / "device" / "sm8750.json", context)}
     if backend not in BACKENDS:
         raise ValueError(f"base.latency_backend {backend!r} is not one of {LATENCY_BACKENDS}")
     path = data_dir / "latency" / f"{backend}.json"

@@ -112,12 +112,15 @@ def fingerprint(params: dict, *paths: str | Path, library: Path = LIBRARY) -> st
     import hashlib
 
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    files = sorted(Path(library).glob("*.py"))
-    for path in map(Path, paths):
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    files = [(f.name, f) for f in sorted(Path(library).glob("*.py"))]
+    for path in map(Path, paths):  # a folder's files by their path inside it: unet/ and vae/ both hold a config
+        files += ([(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file()]
+                  if path.is_dir() else [(path.name, path)])
+    for name, f in files:
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as stream:  # in chunks: an SD-1.5 folder holds gigabytes of weights
+            while chunk := stream.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 

@@ -27,8 +27,8 @@ def side_by_side(jobs: dict[str, Callable[[threading.Event], T]], workers: int |
     """{name: job(stop)}, `workers` jobs at a time (default: one per intra-op thread), each on
     threads // workers intra-op threads, taken in the order given; the thread count comes back after.
 
-    The first job to raise sets `stop`, which long jobs should check between steps to end early, and
-    its error is raised here once the running jobs have returned."""
+    The first job to raise sets `stop`, which long jobs should check between steps to end early; once
+    the running jobs have returned, the error of the first failed job in the order given is raised here."""
     threads = torch.get_num_threads()
     workers = max(1, min(workers or threads, len(jobs)))
     each = max(1, threads // workers)

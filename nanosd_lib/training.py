@@ -81,15 +81,17 @@ def train_vae(teacher: Teacher, crops: torch.Tensor, steps: int, batch_size: int
     step. With `eval_images`, quality on them is logged `evals` times in the first leg and at the end
     of the second, so it reads against time.
 
-    `tune` is a second, shorter leg on larger crops (see `leg_steps`). Measured on the embedded teacher
-    (Zen 4 EPYC, 2 threads, Kodak's 128-px tiles, one run each): 2000 steps on 32-px crops read 17.2 dB,
-    and 2000 on 64-px crops 17.3 dB; 1500 on 32-px crops, then 8 crops of 64 px a step, 20.4 dB after
-    700 such steps and 21.4 dB after 1500. Rows carry their `phase` (0, 1) and count steps and seconds
-    across both legs.
+    `tune` is a second leg on larger crops (see `leg_steps`). Measured on the embedded teacher (Zen 4
+    EPYC, 2 threads, Kodak's 128-px tiles, one run each), while the log-variance start was still set
+    before quant_conv (so it did not reach the posterior): 2000 steps on 32-px crops read 17.2 dB, and
+    2000 on 64-px crops 17.3 dB; 1500 on 32-px crops, then 8 crops of 64 px a step, 20.4 dB after 700
+    such steps and 21.4 dB after 1500. With the start where the posterior leaves the encoder, that last
+    recipe reads 21.9 dB. Rows carry their `phase` (0, 1) and count steps and seconds across both legs.
     """
     vae = teacher.vae.train()
-    with torch.no_grad():  # conv_out emits (mean, logvar): start the logvar half at LOGVAR_INIT
-        out = vae.encoder.conv_out
+    with torch.no_grad():  # start the posterior's logvar half at LOGVAR_INIT where (mean, logvar) leave the
+        # encoder: its quant_conv when it has one (SD's VAE does), which would otherwise mix them again
+        out = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
         half = out.out_channels // 2
         out.weight[half:].zero_()
         out.bias[half:].fill_(LOGVAR_INIT)
@@ -231,16 +233,33 @@ def denoise_loss(unet: torch.nn.Module, batch: dict) -> float:
     return F.mse_loss(pred, batch["target"]).item()
 
 
+def timesteps(u: torch.Tensor, high: torch.Tensor, n_t: int) -> torch.Tensor:
+    """Training timesteps from uniform draws `u` in [0, 1): over all of 0..n_t-1, or, where `high`,
+    over the noisiest 40 % (0.6 n_t..n_t-1)."""
+    return torch.where(high, (0.6 * n_t + u * 0.4 * n_t).long(), (u * n_t).long()).clamp(max=n_t - 1)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for the timesteps' SNRs (see `train_unet`)."""
+    if prediction_type == "v_prediction":
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
+    return snr.clamp(max=gamma) / snr.clamp(min=1e-8)
+
+
 def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: int, lr: float,
                generator: torch.Generator, min_snr_gamma: float = 0.0, high_noise_share: float = 0.0
                ) -> list[dict]:
     """MSE against the scheduler's prediction target (noise or velocity), one-cycle learning rate.
 
     Two measured aids for a teacher trained in minutes, both off by default (0):
-    - `min_snr_gamma`: Min-SNR loss weighting (Hang et al. 2023), min(SNR, gamma) / (SNR + 1) for
-      v-prediction: low-noise steps stop dominating the gradient, and training converges faster;
+    - `min_snr_gamma`: Min-SNR loss weighting (Hang et al. 2023): low-noise steps stop dominating the
+      gradient, and training converges faster. For v-prediction the weight is min(SNR + 1, gamma) /
+      (SNR + 1), with SNR + 1 where the paper's min(SNR, gamma) / (SNR + 1) has SNR: under the
+      zero-terminal-SNR schedule the paper's form is 0 at t = 999, the step every sample starts from
+      (where the prompt alone must give the layout), and ~0.03 on average over the noisiest 40 %;
     - `high_noise_share`: that share of each batch takes t in the noisiest 40 % of the schedule, where
       the prompt decides the picture's layout and colours.
+    Timesteps are drawn over all of 0..999 (the noisy share over 600..999).
     """
     unet.train()
     opt = adamw(unet.parameters(), lr)
@@ -252,13 +271,11 @@ def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: i
     for step in bar(range(steps), desc="unet"):
         u = torch.rand(batch_size, generator=generator)
         high = torch.rand(batch_size, generator=generator) < high_noise_share
-        t = torch.where(high, (0.6 * n_t + u * (0.4 * n_t - 1)).long(), (u * (n_t - 1)).long())
-        b = data.draw(batch_size, generator, t=t)
+        b = data.draw(batch_size, generator, t=timesteps(u, high, n_t))
         err = (unet(b["noisy"], b["t"], encoder_hidden_states=b["text"]).sample - b["target"]).pow(2).mean((1, 2, 3))
         if min_snr_gamma > 0:
-            s = snr[b["t"].cpu()].to(err.device)
-            w = s.clamp(max=min_snr_gamma) / (s + 1) if data.noise_sched.config.prediction_type == "v_prediction" \
-                else s.clamp(max=min_snr_gamma) / s.clamp(min=1e-8)
+            w = min_snr_weight(snr[b["t"].cpu()], min_snr_gamma, data.noise_sched.config.prediction_type)
+            w = w.to(err.device)
             loss = (w * err).sum() / w.sum()
         else:
             loss = err.mean()

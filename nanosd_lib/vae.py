@@ -282,7 +282,8 @@ def _encode_job(vae: AutoencoderKL, image_px: int) -> tuple[nn.Module, tuple]:
 
 
 def tile_share(unet_ms: float, decode_ms: float) -> float:
-    """The decode's share of one tile's work: one U-Net step (one-step restoration) plus one decode."""
+    """The decode's share of one U-Net step plus one decode (a sampled tile's last step). One-step
+    restoration also encodes every tile: stage 08 times the whole VAE's share of a restored tile."""
     return decode_ms / (unet_ms + decode_ms)
 
 
@@ -342,14 +343,6 @@ class _Encode(nn.Module):
 
     def forward(self, x):
         return self.vae.encode(x).latent_dist.mean
-
-
-def encode_latency(vae: AutoencoderKL, image_px: int, backend: str, threads: int, runs: int,
-                   workdir: str | Path, name: str = "vae_encode", warmup: int = 2) -> float:
-    """Median ms of one tile's encode (batch 1, `image_px` images): restoration encodes every tile."""
-    module, args = _encode_job(vae, image_px)
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    return time_callable(backend, module, args, runs, threads, Path(workdir), name, warmup)
 
 
 def load(folder: str | Path) -> AutoencoderKL:

@@ -197,3 +197,33 @@ def test_device_table_from_every_option_and_its_status(hub, base, tmp_path):
     assert hub.compile.call_count == 37  # all served from the cache
     wider = aihub.model_context(base.config, timing.example_inputs(base.config, 16, 8))
     assert "37 stale" in devicecache.device_table_status(cache, wider)
+    with pytest.raises(ValueError, match="37 stale"):  # a later stage at another width refuses the table
+        latency.load_table("qai-hub", tmp_path, context=wider)
+    here = aihub.model_context(base.config, inputs)
+    assert latency.load_table("qai-hub", tmp_path, context=here)["fixed_ms"] == 20.5
+
+
+def test_family_entries_carry_their_architecture_and_calibrate_on_captions(hub, base, smoke_teacher, tmp_path):
+    """A member renamed onto another architecture is measured again, never served the old latency."""
+    from nanosd_lib import photos, student
+    from nanosd_lib.space import Arch
+
+    cache, prompt = tmp_path / "family.json", photos.captions()[:1]
+    sd15_config = {k: v for k, v in base.config.items() if not k.startswith("_")}  # stands in for SD-1.5's
+
+    def profile(arch_id):
+        members = {"prime": student.from_base(base, Arch.parse(arch_id))[0]}
+        return aihub.profile_family({"prime": {"id": arch_id}}, members, smoke_teacher, cache, tmp_path,
+                                    prompt, 1, 0, 3.0, sd15_config=sd15_config)
+
+    assert profile("e000-d000") == "profiled"
+    entries = json.loads(cache.read_text())["entries"]
+    assert sorted(entries) == ["embedded/prime", "int8:embedded/prime", "int8:sd15/prime", "sd15/prime"]
+    assert entries["sd15/prime"]["context"] == {"arch": "e000-d000"}
+    assert entries["int8:embedded/prime"]["context"] == {"arch": "e000-d000", "guidance": 3.0}
+    # one prompt, one step, guidance 3: the prompt's branch and the empty prompt's
+    texts = hub.quantize.call_args.kwargs["calibration_data"]["encoder_hidden_states"]
+    assert len(texts) == 2 and not (texts[0] == texts[1]).all()
+    assert profile("e000-d000") == "profiled" and hub.compile.call_count == 4  # all four from the cache
+    assert profile("e123-d456") == "profiled" and hub.compile.call_count == 8  # another member: measured
+    assert json.loads(cache.read_text())["entries"]["embedded/prime"]["context"] == {"arch": "e123-d456"}

@@ -50,6 +50,17 @@ def bad(**changes):
     ({"base__latency_backend": "qai-hub"}, "base.latency_backend: 'qai-hub' has no complete SM8750 table"),
     ({"base__threads": True}, "base.threads: expected int, got bool"),
     ({"base__teacher": "/nonexistent/sd15"}, "base.teacher: '/nonexistent/sd15' does not exist"),
+    ({"base__seed": 2 ** 32}, "base.seed: must be < 4294967296, got 4294967296"),
+    ({"train_teacher__unet_lr": float("inf")}, "train_teacher.unet_lr: Input should be a finite number"),
+    ({"gather_photos__holdout": ["china", "china"]}, "['china'] listed more than once"),
+    ({"search_architectures__n_init": 41}, "n_init (41) must not exceed evaluations (40)"),
+    ({"search_architectures__pool": 3}, "pool (3) must be at least q (4)"),
+    ({"evaluate_family__grid_prompts": 257}, "grid_prompts (257) must not exceed images (256)"),
+    ({"slim_vae__sd15_timing": False}, "restore_photos.seed_photo: true needs slim_vae.sd15_timing: true"),
+    ({"base__latency_backend": "qai-hub", "measure_latency__backends": ["torch"]},
+     "'qai-hub' also needs 'onnxruntime' in measure_latency.backends"),
+    ({"profile_on_device__calibration_prompts": 33},
+     "calibration_prompts + held_out_prompts (33 + 4) must not exceed the 36 training prompts"),
 ])
 def test_bad_values_are_named(change, message):
     with pytest.raises(config.ParamsError) as err:

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -125,3 +126,37 @@ def test_the_batched_sampler_equals_the_pipeline(smoke_teacher):
     theirs = pipe(prompts, height=8 * px, width=8 * px, num_inference_steps=3, guidance_scale=3.0,
                   latents=noise.clone(), output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_timesteps_reach_both_ends_and_the_noisy_share_stays_noisy():
+    u = torch.tensor([0.0, 0.5, 0.9995, 0.99999994])  # the largest float32 below 1 last
+    assert training.timesteps(u, torch.zeros(4, dtype=torch.bool), 1000).tolist() == [0, 500, 999, 999]
+    assert training.timesteps(u, torch.ones(4, dtype=torch.bool), 1000).tolist() == [600, 800, 999, 999]
+
+
+def test_min_snr_weight_keeps_the_zero_snr_step_for_v_prediction(smoke_teacher):
+    """Under the zero-terminal-SNR schedule the last step has SNR 0: it must keep a weight, or the
+    prediction every sample starts from is never trained."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(smoke_teacher.scheduler.config)
+    a = sched.alphas_cumprod
+    snr = a / (1 - a).clamp(min=1e-8)
+    w = training.min_snr_weight(snr, 5.0, "v_prediction")
+    assert snr[-1] == 0 and w[-1] == 1.0
+    assert w[0] == pytest.approx(5.0 / (snr[0] + 1))  # the low-noise end is capped, as Min-SNR intends
+    assert w.max() == 1.0 and (w[1:] >= w[:-1]).all()  # never above 1, rising with the noise
+    eps = training.min_snr_weight(snr[:-1], 5.0, "epsilon")
+    assert eps[0] == pytest.approx(5.0 / snr[0]) and eps[-1] == 1.0
+
+
+def test_the_vae_posterior_starts_nearly_deterministic():
+    """The log-variance start is set where the posterior leaves the encoder (after quant_conv)."""
+    model = teacher.build(teacher.SPECS["smoke"], photos.captions(), 0)
+    gen = torch.Generator().manual_seed(0)
+    crops, _ = data.random_crops([data.to_tensor(photos.bundled("chelsea"))], 8, 32, gen)
+    assert model.vae.quant_conv is not None  # SD's layout
+    training.train_vae(model, crops, 1, 4, 1e-9, 1e-6, gen)  # one step that barely moves a weight
+    with torch.no_grad():
+        std = model.vae.encode(crops).latent_dist.std
+    assert std.max() < 2 * math.exp(training.LOGVAR_INIT / 2)
