@@ -243,9 +243,10 @@ def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, 
     Each entry's fingerprint holds the member's architecture id, so a search that picks another
     member is measured again, not served the old one's latency. The study-width INT8 models are
     calibrated on the U-Net's inputs while sampling `calibration_prompts` with `guidance` (both
-    branches of classifier-free guidance), as the host INT8 models are. `sd15_config` replaces
-    SD-1.5's U-Net config (tests). Returns 'profiled', or 'failed: ...' with what was measured before
-    the failure kept."""
+    branches of classifier-free guidance), as the host INT8 models are; those entries' fingerprints
+    also hold the prompts, steps, seed and guidance. `sd15_config` replaces the pruned SD-1.5 base's
+    config (tests). Returns 'profiled', or 'failed: ...' with what was measured before the failure
+    kept."""
     from diffusers import UNet2DConditionModel
 
     from . import student, surgery
@@ -275,7 +276,8 @@ def profile_family(found: dict, members: dict, teacher, cache_path: str | Path, 
             profile(WholeCall(unet), inputs, f"embedded/{name}", cache_path, context=arch, kind="whole")
             calibration = record_unet_inputs(teacher, calibration_prompts, steps, seed, guidance, unet=unet)
             profile_int8(WholeCall(unet), inputs, calibration, f"embedded/{name}", cache_path, workdir,
-                         context={**arch, "guidance": guidance})
+                         context={**arch, "prompts": list(calibration_prompts), "steps": steps, "seed": seed,
+                                  "guidance": guidance})
     except DeviceJobFailed as err:
         return f"failed: {_first_line(err)}"
     return "profiled"

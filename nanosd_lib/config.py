@@ -232,7 +232,8 @@ class ProfileOnDevice(Section):
     held_out_prompts: int = _f("other runs whose inputs check INT8 against fp32", ge=1)
     runs: int = _f("timed calls per model after warm-up; the median is kept", ge=3)
     quality_pairs: int = _f("(prompt, noise) pairs for the INT8 taFD[mnv2]", ge=2)
-    guidance: float = _f("classifier-free guidance of the INT8 quality probe", ge=0)
+    guidance: float = _f("classifier-free guidance of the calibration runs and of the INT8 quality probe",
+                         ge=0)
 
 
 SECTIONS: dict[str, type[Section]] = {

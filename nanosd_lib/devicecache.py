@@ -22,7 +22,8 @@ CHIPSET = "SM8750"
 ARCH_SOURCES = ("blocks.py", "latency.py", "space.py", "student.py", "surgery.py")
 # The params check refuses 'qai-hub' until the table is complete, and measure_latency profiles the
 # modules on the phone whichever backend is chosen: so the table is filled under a host backend.
-FILL_HINT = ("to fill it, set base.latency_backend to onnxruntime, configure an AI Hub token "
+FILL_HINT = ("to fill it, set base.latency_backend to a host backend listed in measure_latency.backends, "
+             "configure an AI Hub token "
              "(`qai-hub configure --api_token ...`) and run the measure_latency stage, which profiles "
              "every module on SM8750 whichever backend is chosen; then choose 'qai-hub' again")
 

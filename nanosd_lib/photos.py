@@ -120,7 +120,7 @@ def check_holdout(holdout: list[str] | tuple[str, ...]) -> list[str]:
     if repeated:
         problems.append(f"{repeated} listed more than once")
     if len(set(holdout)) < 2:
-        problems.append(f"hold out at least 2 photos for later stages, got {len(set(holdout))}")
+        problems.append(f"hold out at least 2 photos, got {len(set(holdout))}")
     if not [n for n in CATALOGUE if split_of(n, holdout) == "train"]:
         problems.append("every photo is held out; keep some to train on")
     return problems

@@ -252,8 +252,8 @@ def train_unet(unet: torch.nn.Module, data: LatentSet, steps: int, batch_size: i
     """MSE against the scheduler's prediction target (noise or velocity), one-cycle learning rate.
 
     Two measured aids for a teacher trained in minutes, both off by default (0):
-    - `min_snr_gamma`: Min-SNR loss weighting (Hang et al. 2023): low-noise steps stop dominating the
-      gradient, and training converges faster. For v-prediction the weight is min(SNR + 1, gamma) /
+    - `min_snr_gamma`: Min-SNR loss weighting (Hang et al. 2023) caps the weight of low-noise steps, so
+      they stop dominating the gradient. For v-prediction the weight is min(SNR + 1, gamma) /
       (SNR + 1), with SNR + 1 where the paper's min(SNR, gamma) / (SNR + 1) has SNR: under the
       zero-terminal-SNR schedule the paper's form is 0 at t = 999, the step every sample starts from
       (where the prompt alone must give the layout), and ~0.03 on average over the noisiest 40 %;

@@ -220,7 +220,8 @@ def test_family_entries_carry_their_architecture_and_calibrate_on_captions(hub, 
     entries = json.loads(cache.read_text())["entries"]
     assert sorted(entries) == ["embedded/prime", "int8:embedded/prime", "int8:sd15/prime", "sd15/prime"]
     assert entries["sd15/prime"]["context"] == {"arch": "e000-d000"}
-    assert entries["int8:embedded/prime"]["context"] == {"arch": "e000-d000", "guidance": 3.0}
+    assert entries["int8:embedded/prime"]["context"] == {"arch": "e000-d000", "prompts": prompt, "steps": 1,
+                                                         "seed": 0, "guidance": 3.0}
     # one prompt, one step, guidance 3: the prompt's branch and the empty prompt's
     texts = hub.quantize.call_args.kwargs["calibration_data"]["encoder_hidden_states"]
     assert len(texts) == 2 and not (texts[0] == texts[1]).all()
