@@ -330,9 +330,9 @@ def _cross_problems(sections: dict, root: Path | None) -> list[str]:
     holdout = (sections.get("gather_photos") or {}).get("holdout")
     if isinstance(holdout, list) and all(isinstance(device.get(k), int)
                                          for k in ("calibration_prompts", "held_out_prompts")):
-        from .photos import CATALOGUE, split_of
+        from .photos import train_names
 
-        train = sum(split_of(n, holdout) == "train" for n in CATALOGUE)
+        train = len(train_names(holdout))
         if device["calibration_prompts"] + device["held_out_prompts"] > train:
             out.append(f"profile_on_device: calibration_prompts + held_out_prompts "
                        f"({device['calibration_prompts']} + {device['held_out_prompts']}) must not exceed the "

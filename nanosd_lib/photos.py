@@ -107,6 +107,11 @@ def split_of(name: str, holdout: list[str] | tuple[str, ...]) -> str:
     return "test" if name in TEST else "heldout" if name in holdout else "train"
 
 
+def train_names(holdout: list[str] | tuple[str, ...]) -> list[str]:
+    """The catalogue's training photos (one prompt each) under a hold-out list."""
+    return [n for n in CATALOGUE if split_of(n, holdout) == "train"]
+
+
 def check_holdout(holdout: list[str] | tuple[str, ...]) -> list[str]:
     """Problems with a hold-out list (empty when fine): unknown names, test photos, repeats, fewer than
     two, nothing left."""
@@ -121,7 +126,7 @@ def check_holdout(holdout: list[str] | tuple[str, ...]) -> list[str]:
         problems.append(f"{repeated} listed more than once")
     if len(set(holdout)) < 2:
         problems.append(f"hold out at least 2 photos, got {len(set(holdout))}")
-    if not [n for n in CATALOGUE if split_of(n, holdout) == "train"]:
+    if not train_names(holdout):
         problems.append("every photo is held out; keep some to train on")
     return problems
 

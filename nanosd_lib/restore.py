@@ -119,8 +119,9 @@ def fine_tune(restorer: Restorer, crops: torch.Tensor, task: str, cfg: FineTune,
 
 
 @torch.no_grad()
-def restore_photo(restorer: Restorer, photo: torch.Tensor, tile: int, overlap: int, batch: int = 8) -> torch.Tensor:
-    """Restore a [1, 3, H, W] photo in [0, 1] of any size, tile by tile with feathered blending."""
+def restore_photo(restorer: nn.Module, photo: torch.Tensor, tile: int, overlap: int, batch: int = 8) -> torch.Tensor:
+    """Restore a [1, 3, H, W] photo in [0, 1] of any size, tile by tile with feathered blending; `restorer` is
+    any module from [0, 1] tiles to tiles of the same size (a `Restorer`, or a `VaeAlone` for reference)."""
     return tiling.restore_tiled(photo, lambda x: restorer(x).clamp(0, 1), tile, overlap, batch=batch).clamp(0, 1)
 
 
@@ -136,7 +137,8 @@ def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
 
 class VaeAlone(nn.Module):
     """A restorer without its U-Net: LQ -> VAE encoder -> decoder, images in [0, 1]. Timed beside the
-    restorers, it is the part of a tile that no U-Net behind this VAE can speed up."""
+    restorers, it is the part of a tile that no U-Net behind this VAE can speed up; scored beside them
+    (stage 08), it is what a restorer whose U-Net step changed nothing would give."""
 
     def __init__(self, vae):
         super().__init__()

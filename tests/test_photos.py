@@ -52,6 +52,15 @@ def test_bad_holdouts_are_named(holdout, message):
     assert any(message in p for p in photos.check_holdout(holdout))
 
 
+def test_train_names_leave_out_the_holdout_and_the_test_photos_and_agree_with_the_manifest(study_root):
+    rows = json.loads((study_root / "data" / "photos" / "manifest.json").read_text())
+    names = photos.train_names(["china", "stereo_motorcycle"])
+    assert names == [r["name"] for r in rows if r["split"] == "train"] and len(names) == 36
+    assert "china" not in names and not set(names) & set(photos.TEST)
+    other = photos.train_names(["china", "flower"])
+    assert len(other) == 36 and "flower" not in other and "stereo_motorcycle" in other
+
+
 def test_captions_are_distinct_and_fit_the_text_length():
     caps = photos.captions()
     assert len(set(caps)) == len(caps) == 43
