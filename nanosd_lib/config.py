@@ -43,7 +43,7 @@ class Base(Section):
 
 
 class GatherPhotos(Section):
-    holdout: list[str] = _f("photos kept out of training, aside for validation (no stage reads them yet)")
+    holdout: list[str] = _f("photos kept out of training, aside for validation (stage 08 scores its restorers on them)")
 
     @field_validator("holdout")
     @classmethod
@@ -204,7 +204,8 @@ class RestorePhotos(Section):
     overlap_px: int = _f("overlap between tiles, blended with a feathered window (< tile_px)", ge=0)
     crops: int = _f("HQ crops drawn once from the train split", ge=1)
     runs: int = _f("timed runs per tile latency, median kept", ge=1)
-    photos: int = _f("Kodak test photos restored at full size (all 5 for the study)", ge=1, le=5)
+    photos: int = _f("Kodak test photos restored at full size (all 5 for the study); also caps the held-out "
+                      "photos scored", ge=1, le=5)
     seed_photo: bool = _f("also cost the seed's 4000x3000 photo at SD-1.5 width (needs slim_vae's "
                           "sd15_timing; builds SD-1.5-width U-Nets, ~1 min)")
 
