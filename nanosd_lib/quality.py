@@ -284,7 +284,23 @@ def caption_accuracy(net: MobileNetFeatures, samples: torch.Tensor, reference: t
     if torch.is_tensor(reference):
         reference = pooled_features(net, reference)
     ref = F.normalize(torch.from_numpy(reference), dim=1)
-    nearest = reference_labels[(feats @ ref.T).argmax(1)].view(p, s)
+    return _nearest_photo(reference_labels[(feats @ ref.T).argmax(1)].view(p, s))
+
+
+def layout_accuracy(samples: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor,
+                    px: int = 4) -> dict:
+    """`caption_accuracy` by colour layout instead of features: each sample and reference crop (as
+    there, in [0, 1]) averaged down to px x px, nearest by Euclidean distance. It asks whether a sample
+    has its photo's colours in their places, which a model can get right long before the detail that
+    the feature space keys on; px = 1 compares mean colours alone."""
+    p, s = samples.shape[:2]
+    small = [F.adaptive_avg_pool2d(x.float(), px).flatten(1) for x in (samples.flatten(0, 1), reference)]
+    return _nearest_photo(reference_labels[torch.cdist(*small).argmin(1)].view(p, s))
+
+
+def _nearest_photo(nearest: torch.Tensor) -> dict:
+    """Scores from the photo index [P, S] of each sample's nearest reference: prompt p's photo is p."""
+    p = len(nearest)
     right = (nearest == torch.arange(p)[:, None]).float()
     return {"accuracy": float(right.mean()), "chance": 1.0 / p,
             "per_prompt": right.mean(1).tolist(), "nearest": nearest.tolist()}

@@ -125,11 +125,22 @@ def restore_photo(restorer: nn.Module, photo: torch.Tensor, tile: int, overlap: 
     return tiling.restore_tiled(photo, lambda x: restorer(x).clamp(0, 1), tile, overlap, batch=batch).clamp(0, 1)
 
 
-def tiles_for(height: int, width: int, tile: int, overlap: int) -> int:
-    """How many tiles a photo costs (a side shorter than a tile is padded to one)."""
-    from .baseline import tile_grid
-
-    return tile_grid(max(width, tile), max(height, tile), tile, overlap).count
+def degrade_and_restore(restorers: dict[str, nn.Module], photos: dict[str, torch.Tensor], task: str, seed: int,
+                        tile: int, overlap: int, same: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """Each photo degraded for `task` (the i-th by a generator seeded `seed + i`), then restored by every
+    restorer, the whole photo tile by tile: the LQ inputs {photo: image} and the outputs
+    {(restorer, photo): image}. `same` ({name: representative}, as `family.same_as` gives) restores a
+    repeated model once and shares its output."""
+    same = same or {}
+    lq = {n: make_lq(hq, task, torch.Generator().manual_seed(seed + i)) for i, (n, hq) in enumerate(photos.items())}
+    out = {}
+    for name in restorers:
+        rep = same.get(name, name)
+        for n, x in lq.items():
+            if (rep, n) not in out:
+                out[rep, n] = restore_photo(restorers[rep], x, tile, overlap)
+            out[name, n] = out[rep, n]
+    return lq, out
 
 
 # --- The parts of a tile, each timed alone beside the whole restorers ------------------------------

@@ -52,8 +52,9 @@ def _window(start: int, side: int, tile: int, overlap: int, feather: bool, like:
     return w
 
 
-def _grid(height: int, width: int, tile: int, overlap: int) -> TileGrid:
-    """The layout on the padded image, so a side shorter than a tile is one tile."""
+def padded_grid(height: int, width: int, tile: int, overlap: int) -> TileGrid:
+    """The layout on the padded image, so a side shorter than a tile is one tile (`.count` is what the
+    photo costs in tiles)."""
     return tile_grid(max(width, tile), max(height, tile), tile, overlap)
 
 
@@ -78,7 +79,7 @@ def restore_tiled(image: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor
     n, _, h, w = image.shape
     padded = pad_to_tile(image, tile)
     ph, pw = padded.shape[-2:]
-    grid = _grid(h, w, tile, overlap)
+    grid = padded_grid(h, w, tile, overlap)
     boxes = grid.boxes()
     out = weight = None
     chunks = range(0, len(boxes), batch)
@@ -109,7 +110,7 @@ def seam_mask(height: int, width: int, tile: int, overlap: int, band: int = 4) -
     columns on each side. Seams span the whole image (the grid's tiles share columns and rows), so a
     pixel is near a seam when its column is near a vertical seam or its row near a horizontal one.
     """
-    grid = _grid(height, width, tile, overlap)
+    grid = padded_grid(height, width, tile, overlap)
     mask = torch.zeros(height, width, dtype=torch.bool)
     for l, t, r, b in grid.boxes():
         for s in (l, r):

@@ -105,6 +105,24 @@ def test_caption_accuracy_counts_nearest_photos(net, kodak):
     assert got["per_prompt"] == [1.0, 1.0, 1.0, 0.0]
 
 
+def test_layout_accuracy_finds_the_photo_by_its_colours_in_their_places(kodak):
+    reference, labels = kodak[:12], torch.arange(12) // 3
+    soft = blur(kodak[:12], 4)  # the detail gone, the colour layout kept
+    samples = torch.stack([soft[[0, 1]], soft[[3, 4]], soft[[6, 7]], soft[[0, 2]]])  # last prompt: wrong
+    got = quality.layout_accuracy(samples, reference, labels)
+    assert got["accuracy"] == pytest.approx(0.75) and got["per_prompt"] == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_layout_accuracy_sees_where_the_colours_are_only_above_one_pixel():
+    split, grey = torch.full((3, 8, 8), 0.2), torch.full((3, 8, 8), 0.45)
+    split[..., 4:] = 0.8  # photo 0: dark left, bright right (mean 0.5); photo 1: flat grey (mean 0.45)
+    drawn = torch.full((3, 8, 8), 0.1)
+    drawn[..., 4:] = 0.8  # photo 0's layout, photo 1's mean colour
+    samples, reference = torch.stack([drawn, grey])[:, None], torch.stack([split, grey])
+    assert quality.layout_accuracy(samples, reference, torch.tensor([0, 1]), px=4)["per_prompt"] == [1.0, 1.0]
+    assert quality.layout_accuracy(samples, reference, torch.tensor([0, 1]), px=1)["per_prompt"] == [0.0, 1.0]
+
+
 class _Layers(torch.nn.Module):
     """Stands in for clean-fid's Inception trunk: [B, 3, 299, 299] -> [B, 2048, 1, 1]."""
 

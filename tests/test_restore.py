@@ -109,6 +109,22 @@ def test_the_parts_of_a_tile_compose_into_the_restorer(restorer, smoke_teacher):
         torch.testing.assert_close(restorer(lq), expected)
 
 
+def test_degrade_and_restore_draws_each_photo_its_own_input_and_restores_a_repeat_once(restorer, monkeypatch):
+    photos = {"a": torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(2)),
+              "b": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+    alone = restore.VaeAlone(restorer.vae)
+    calls = []
+    real = restore.restore_photo
+    monkeypatch.setattr(restore, "restore_photo", lambda r, x, *a: calls.append(r) or real(r, x, *a))
+    lq, out = restore.degrade_and_restore({"one": restorer, "again": restorer, "vae": alone}, photos, "denoise",
+                                          seed=7, tile=32, overlap=8, same={"again": "one"})
+    for i, (n, hq) in enumerate(photos.items()):  # photo i drew from seed + i
+        torch.testing.assert_close(lq[n], restore.make_lq(hq, "denoise", torch.Generator().manual_seed(7 + i)))
+        torch.testing.assert_close(out["one", n], real(restorer, lq[n], 32, 8))
+        assert out["again", n] is out["one", n] and out["vae", n].shape == hq.shape
+    assert [id(r) for r in calls] == [id(restorer)] * 2 + [id(alone)] * 2
+
+
 def test_the_noisy_input_is_plain_gaussian_noise_even_in_dark_and_bright_areas():
     hq = torch.cat([torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)])  # clipping would halve the noise here
     noise = restore.make_lq(hq, "denoise", torch.Generator().manual_seed(0)) - hq
