@@ -54,7 +54,7 @@ def _window(start: int, side: int, tile: int, overlap: int, feather: bool, like:
 
 def padded_grid(height: int, width: int, tile: int, overlap: int) -> TileGrid:
     """The layout on the padded image, so a side shorter than a tile is one tile (`.count` is what the
-    photo costs in tiles)."""
+    photo costs in tiles). Height first, as for tensors; `baseline.tile_grid` takes the width first."""
     return tile_grid(max(width, tile), max(height, tile), tile, overlap)
 
 

@@ -116,8 +116,8 @@ def test_degrade_and_restore_draws_each_photo_its_own_input_and_restores_a_repea
     calls = []
     real = restore.restore_photo
     monkeypatch.setattr(restore, "restore_photo", lambda r, x, *a: calls.append(r) or real(r, x, *a))
-    lq, out = restore.degrade_and_restore({"one": restorer, "again": restorer, "vae": alone}, photos, "denoise",
-                                          seed=7, tile=32, overlap=8, same={"again": "one"})
+    lq, out = restore.degrade_and_restore({"again": restorer, "one": restorer, "vae": alone}, photos, "denoise",
+                                          seed=7, tile=32, overlap=8, same={"again": "one"})  # a repeat first
     for i, (n, hq) in enumerate(photos.items()):  # photo i drew from seed + i
         torch.testing.assert_close(lq[n], restore.make_lq(hq, "denoise", torch.Generator().manual_seed(7 + i)))
         torch.testing.assert_close(out["one", n], real(restorer, lq[n], 32, 8))
