@@ -125,21 +125,25 @@ def restore_photo(restorer: nn.Module, photo: torch.Tensor, tile: int, overlap: 
     return tiling.restore_tiled(photo, lambda x: restorer(x).clamp(0, 1), tile, overlap, batch=batch).clamp(0, 1)
 
 
-def degrade_and_restore(restorers: dict[str, nn.Module], photos: dict[str, torch.Tensor], task: str, seed: int,
+def degrade_and_restore(restorers: dict[tuple[str, str], nn.Module], photos: dict[str, torch.Tensor], seed: int,
                         tile: int, overlap: int, same: dict[str, str] | None = None) -> tuple[dict, dict]:
-    """Each photo degraded for `task` (the i-th by a generator seeded `seed + i`), then restored by every
-    restorer, the whole photo tile by tile: the LQ inputs {photo: image} and the outputs
-    {(restorer, photo): image}. `same` ({name: representative}, as `family.same_as` gives) restores a
-    repeated model once and shares its output."""
+    """Every photo degraded once per task, the i-th by a generator seeded `seed + i` (the same input for
+    every restorer of that task), then restored by each restorer, the whole photo tile by tile.
+
+    `restorers` are keyed (task, name); `same` ({name: representative}, as `family.same_as` gives)
+    restores a repeated model once and shares its output. Returns the LQ inputs {(task, photo): image}
+    and the outputs {(task, name, photo): image}."""
     same = same or {}
-    lq = {n: make_lq(hq, task, torch.Generator().manual_seed(seed + i)) for i, (n, hq) in enumerate(photos.items())}
+    tasks = dict.fromkeys(task for task, _ in restorers)
+    lq = {(task, n): make_lq(hq, task, torch.Generator().manual_seed(seed + i))
+          for task in tasks for i, (n, hq) in enumerate(photos.items())}
     out = {}
-    for name in restorers:
+    for task, name in restorers:
         rep = same.get(name, name)
-        for n, x in lq.items():
-            if (rep, n) not in out:
-                out[rep, n] = restore_photo(restorers[rep], x, tile, overlap)
-            out[name, n] = out[rep, n]
+        for n in photos:
+            if (task, rep, n) not in out:
+                out[task, rep, n] = restore_photo(restorers[task, rep], lq[task, n], tile, overlap)
+            out[task, name, n] = out[task, rep, n]
     return lq, out
 
 

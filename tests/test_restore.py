@@ -116,12 +116,14 @@ def test_degrade_and_restore_draws_each_photo_its_own_input_and_restores_a_repea
     calls = []
     real = restore.restore_photo
     monkeypatch.setattr(restore, "restore_photo", lambda r, x, *a: calls.append(r) or real(r, x, *a))
-    lq, out = restore.degrade_and_restore({"again": restorer, "one": restorer, "vae": alone}, photos, "denoise",
-                                          seed=7, tile=32, overlap=8, same={"again": "one"})  # a repeat first
+    lq, out = restore.degrade_and_restore({("denoise", "again"): restorer, ("denoise", "one"): restorer,
+                                           ("denoise", "vae"): alone}, photos, seed=7, tile=32, overlap=8,
+                                          same={"again": "one"})  # a repeat first
     for i, (n, hq) in enumerate(photos.items()):  # photo i drew from seed + i
-        torch.testing.assert_close(lq[n], restore.make_lq(hq, "denoise", torch.Generator().manual_seed(7 + i)))
-        torch.testing.assert_close(out["one", n], real(restorer, lq[n], 32, 8))
-        assert out["again", n] is out["one", n] and out["vae", n].shape == hq.shape
+        drawn = restore.make_lq(hq, "denoise", torch.Generator().manual_seed(7 + i))
+        torch.testing.assert_close(lq["denoise", n], drawn)
+        torch.testing.assert_close(out["denoise", "one", n], real(restorer, lq["denoise", n], 32, 8))
+        assert out["denoise", "again", n] is out["denoise", "one", n] and out["denoise", "vae", n].shape == hq.shape
     assert [id(r) for r in calls] == [id(restorer)] * 2 + [id(alone)] * 2
 
 
